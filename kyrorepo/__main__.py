@@ -1,0 +1,3 @@
+from kyrorepo.cli.main import entry
+
+entry()

@@ -1,0 +1,140 @@
+"""Shared CLI plumbing: repository options, passphrase sources, output helpers.
+
+CLI modules parse arguments and format output only; the work is done by library calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+import click
+
+from kyrorepo.backends import open_backend
+from kyrorepo.errors import UsageError
+from kyrorepo.repository import Repository, default_cache_root
+
+# Set by option callbacks so that main() formats errors the way the command asked.
+STATE: dict[str, bool] = {"json": False, "debug": False}
+
+
+def _set_state(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value:
+            STATE[key] = True
+        return value
+    return callback
+
+
+json_option = click.option("--json", "as_json", is_flag=True, callback=_set_state("json"), is_eager=True,
+                           help="Print machine-readable JSON.")
+debug_option = click.option("--debug", is_flag=True, callback=_set_state("debug"), expose_value=False,
+                            is_eager=True, help="Show tracebacks for errors.")
+
+
+def repo_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--repo/--backup-dir, passphrase sources and --cache-dir, collected into ``ropts``."""
+
+    @click.option("--repo", "--backup-dir", "repo", envvar="KYROREPO_REPO", metavar="LOCATION",
+                  help="Repository: a path, sftp://user@host/path or s3://bucket/prefix [$KYROREPO_REPO].")
+    @click.option("--password-file", envvar="KYROREPO_PASSWORD_FILE", type=click.Path(dir_okay=False),
+                  help="Read the passphrase from this file [$KYROREPO_PASSWORD_FILE].")
+    @click.option("--password-command", envvar="KYROREPO_PASSWORD_COMMAND",
+                  help="Run this shell command and use its output as the passphrase.")
+    @click.option("--cache-dir", envvar="KYROREPO_CACHE_DIR", type=click.Path(file_okay=False),
+                  help="Local cache directory (default: $XDG_CACHE_HOME/kyrorepo).")
+    @click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="Endpoint URL of an S3-compatible store.")
+    @debug_option
+    @functools.wraps(func)
+    def wrapper(*args: Any, repo: str | None, password_file: str | None, password_command: str | None,
+                cache_dir: str | None, s3_endpoint: str | None, **kwargs: Any) -> Any:
+        ropts = RepoOptions(repo or "", password_file, password_command, cache_dir or default_cache_root(),
+                            s3_endpoint)
+        return func(*args, ropts=ropts, **kwargs)
+
+    return wrapper
+
+
+class RepoOptions:
+    def __init__(self, location: str, password_file: str | None, password_command: str | None,
+                 cache_dir: str, s3_endpoint: str | None) -> None:
+        self.location = location
+        self.password_file = password_file
+        self.password_command = password_command
+        self.cache_dir = cache_dir
+        self.s3_endpoint = s3_endpoint
+
+    def backend(self, location: str | None = None):  # type: ignore[no-untyped-def]
+        loc = self.location if location is None else location
+        if not loc:
+            raise UsageError("no repository given: pass --repo (or --backup-dir) or set KYROREPO_REPO")
+        return open_backend(loc, s3_endpoint=self.s3_endpoint)
+
+    def password(self, confirm: bool = False) -> bytes:
+        return get_password(self.password_file, self.password_command, confirm)
+
+    def open(self) -> Repository:
+        backend = self.backend()
+        try:
+            return Repository.open(backend, self.password(), self.cache_dir)
+        except BaseException:
+            backend.close()
+            raise
+
+
+def get_password(password_file: str | None, password_command: str | None, confirm: bool = False) -> bytes:
+    env = os.environ.get("KYROREPO_PASSWORD")
+    if env is not None:
+        return env.encode()
+    if password_file:
+        try:
+            with open(password_file, "rb") as f:
+                pw = f.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read password file {password_file}: {exc.strerror}") from None
+        if not pw:
+            raise UsageError(f"password file {password_file} is empty")
+        return pw
+    if password_command:
+        proc = subprocess.run(password_command, shell=True, capture_output=True)
+        if proc.returncode != 0:
+            raise UsageError(f"password command failed with exit code {proc.returncode}: {password_command}")
+        pw = proc.stdout.rstrip(b"\r\n")
+        if not pw:
+            raise UsageError(f"password command printed nothing: {password_command}")
+        return pw
+    if not sys.stdin.isatty():
+        raise UsageError("no passphrase: set KYROREPO_PASSWORD, KYROREPO_PASSWORD_FILE, --password-file "
+                         "or --password-command (no terminal to ask on)")
+    pw = click.prompt("Repository passphrase", hide_input=True, err=True)
+    if confirm:
+        again = click.prompt("Repeat passphrase", hide_input=True, err=True)
+        if again != pw:
+            raise UsageError("the passphrases do not match")
+    if not pw:
+        raise UsageError("an empty passphrase is not allowed")
+    return pw.encode()
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def warn(msg: str) -> None:
+    click.echo(f"warning: {msg}", err=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,181 @@
+"""The local LMDB cache of the repository index, and the files cache.
+
+Lives in the cache directory (never in the repository: repositories sit on NFS, where
+LMDB does not work), one environment per repository id. Named databases:
+
+* ``blobs``    blob id -> pack id | type u8 | offset u32 | length u32 | raw length u32
+* ``packs``    pack id -> pack length u64 | blob count u32
+* ``segments`` index segment name -> b"" : the exact set the cache was built from
+* ``files``    source NUL path -> msgpack [size, mtime_ns, ctime_ns, inode, digest] of the
+               last backup of that source (unchanged-file detection; losing it only costs a re-read)
+
+The cache never claims a blob the repository no longer has: ``sync`` compares the
+``segments`` set with the repository's ``index/`` listing before each operation, adds
+new segments, and rebuilds from scratch when any known segment has disappeared (prune
+removes segments only after writing their replacements). Entries are added only for
+segments that are already saved in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from typing import Callable, Iterable, Iterator
+
+import lmdb
+import msgpack
+
+from kyrorepo.format import BlobType, PackInfo
+from kyrorepo.ids import ID_LEN
+
+MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+_LOC = struct.Struct(f"<{ID_LEN}sBIII")
+_PACK = struct.Struct("<QI")
+
+
+class BlobLocation(tuple):
+    """(pack_id, type, offset, length, raw_length)."""
+
+    __slots__ = ()
+
+    def __new__(cls, pack_id: bytes, btype: BlobType, offset: int, length: int, raw_length: int):
+        return tuple.__new__(cls, (pack_id, btype, offset, length, raw_length))
+
+    pack_id = property(lambda self: self[0])
+    type = property(lambda self: self[1])
+    offset = property(lambda self: self[2])
+    length = property(lambda self: self[3])
+    raw_length = property(lambda self: self[4])
+
+
+def _decode_loc(raw: bytes) -> BlobLocation:
+    pid, bt, off, ln, rl = _LOC.unpack(raw)
+    return BlobLocation(pid, BlobType(bt), off, ln, rl)
+
+
+class IndexCache:
+    def __init__(self, path: str) -> None:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        self.path = path
+        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, subdir=True,
+                             readahead=False, metasync=False, sync=True)
+        self.env.reader_check()
+        self.blobs = self.env.open_db(b"blobs")
+        self.packs = self.env.open_db(b"packs")
+        self.segments = self.env.open_db(b"segments")
+        self.files = self.env.open_db(b"files")
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _txn(self, write: bool = False) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def lookup(self, bid: bytes) -> BlobLocation | None:
+        with self._txn() as txn:
+            raw = txn.get(bid, db=self.blobs)
+        return None if raw is None else _decode_loc(raw)
+
+    def lookup_many(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, BlobLocation | None]]:
+        with self._txn() as txn:
+            for bid in ids:
+                raw = txn.get(bid, db=self.blobs)
+                yield bid, (None if raw is None else _decode_loc(raw))
+
+    def has(self, bid: bytes) -> bool:
+        with self._txn() as txn:
+            return txn.get(bid, db=self.blobs) is not None
+
+    def iter_blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        with self._txn() as txn:
+            for k, v in txn.cursor(db=self.blobs):
+                yield bytes(k), _decode_loc(v)
+
+    def iter_packs(self) -> Iterator[tuple[bytes, int, int]]:
+        """(pack id, length, blob count) of every indexed pack."""
+        with self._txn() as txn:
+            for k, v in txn.cursor(db=self.packs):
+                length, count = _PACK.unpack(v)
+                yield bytes(k), length, count
+
+    def pack_length(self, pack_id: bytes) -> int | None:
+        with self._txn() as txn:
+            raw = txn.get(pack_id, db=self.packs)
+        return None if raw is None else _PACK.unpack(raw)[0]
+
+    def counts(self) -> tuple[int, int, int]:
+        with self._txn() as txn:
+            return (txn.stat(self.blobs)["entries"], txn.stat(self.packs)["entries"],
+                    txn.stat(self.segments)["entries"])
+
+    def segment_names(self) -> set[str]:
+        with self._txn() as txn:
+            return {bytes(k).decode() for k, _ in txn.cursor(db=self.segments)}
+
+    # --- updates ------------------------------------------------------------------------
+
+    def add_segment(self, name: str, packs: Iterable[PackInfo]) -> None:
+        """Record a saved index segment and every blob it lists, in one transaction."""
+        with self._txn(write=True) as txn:
+            for p in packs:
+                txn.put(p.pack_id, _PACK.pack(p.pack_length, len(p.entries)), db=self.packs)
+                for e in p.entries:
+                    txn.put(e.id, _LOC.pack(p.pack_id, int(e.type), e.offset, e.length, e.raw_length),
+                            db=self.blobs)
+            txn.put(name.encode(), b"", db=self.segments)
+
+    def clear_index(self) -> None:
+        with self._txn(write=True) as txn:
+            for db in (self.blobs, self.packs, self.segments):
+                txn.drop(db, delete=False)
+
+    def sync(self, repo_segments: set[str], load: Callable[[str], list[PackInfo]]) -> int:
+        """Bring the cache in line with the repository's segment set; return segments loaded."""
+        known = self.segment_names()
+        if known - repo_segments:
+            self.clear_index()
+            known = set()
+        new = sorted(repo_segments - known)
+        for name in new:
+            self.add_segment(name, load(name))
+        return len(new)
+
+    # --- files cache --------------------------------------------------------------------
+
+    @staticmethod
+    def _file_key(source: str, path: bytes) -> bytes:
+        return source.encode() + b"\0" + path
+
+    def file_stat(self, source: str, path: bytes) -> tuple[int, int, int, int, bytes] | None:
+        with self._txn() as txn:
+            raw = txn.get(self._file_key(source, path), db=self.files)
+        if raw is None:
+            return None
+        try:
+            size, mtime, ctime, ino, digest = msgpack.unpackb(raw)
+            return int(size), int(mtime), int(ctime), int(ino), bytes(digest)
+        except (ValueError, TypeError):
+            return None
+
+    def put_file_stats(self, source: str, items: Iterable[tuple[bytes, tuple[int, int, int, int, bytes]]]) -> None:
+        with self._txn(write=True) as txn:
+            for path, st in items:
+                txn.put(self._file_key(source, path), msgpack.packb(list(st)), db=self.files)
+
+
+def open_cache(cache_root: str, repo_id: str) -> IndexCache:
+    path = os.path.join(cache_root, repo_id, "index")
+    try:
+        return IndexCache(path)
+    except lmdb.Error:
+        # A damaged cache is only a cache: throw it away and start again.
+        shutil.rmtree(path, ignore_errors=True)
+        return IndexCache(path)
+
