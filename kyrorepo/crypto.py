@@ -78,8 +78,9 @@ class BlobKeys:
         okm = blake3.blake3(salt, key=self.seal_key).digest(44)
         return AESGCM(okm[:32]), okm[32:]
 
-    def seal(self, btype: BlobType, bid: bytes, plaintext: bytes) -> bytes:
-        salt = os.urandom(SALT_LEN)
+    def seal(self, btype: BlobType, bid: bytes, plaintext: bytes, salt: bytes | None = None) -> bytes:
+        """Seal ``plaintext``; ``salt`` is random unless given (golden vectors only)."""
+        salt = os.urandom(SALT_LEN) if salt is None else salt
         aead, nonce = self._aead(salt)
         return salt + aead.encrypt(nonce, plaintext, associated_data(btype, bid))
 

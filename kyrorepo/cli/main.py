@@ -9,7 +9,7 @@ import traceback
 import click
 
 from kyrorepo import __version__
-from kyrorepo.cli import backup_cmds, list_cmds, repo_cmds, restore_cmds
+from kyrorepo.cli import backup_cmds, list_cmds, prune_cmds, repo_cmds, restore_cmds
 from kyrorepo.cli.common import STATE
 from kyrorepo.errors import ExitCode, KyroError
 
@@ -24,7 +24,7 @@ def cli() -> None:
     """
 
 
-for module in (repo_cmds, backup_cmds, list_cmds, restore_cmds):
+for module in (repo_cmds, backup_cmds, list_cmds, restore_cmds, prune_cmds):
     module.register(cli)
 
 
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     STATE["json"] = False
     STATE["debug"] = "--debug" in args
     try:
-        cli.main(args=args, prog_name="kyrorepo", standalone_mode=False)
-        code = 0
+        # Without standalone mode click returns the code of a ctx.exit / Exit(code).
+        rv = cli.main(args=args, prog_name="kyrorepo", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
