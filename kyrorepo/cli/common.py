@@ -32,6 +32,9 @@ def _set_state(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]
 
 json_option = click.option("--json", "as_json", is_flag=True, callback=_set_state("json"), is_eager=True,
                            help="Print machine-readable JSON.")
+metrics_file_option = click.option(
+    "--metrics-file", envvar="KYROREPO_METRICS_FILE", type=click.Path(dir_okay=False),
+    help="Update this Prometheus textfile (node_exporter) after success [$KYROREPO_METRICS_FILE].")
 debug_option = click.option("--debug", is_flag=True, callback=_set_state("debug"), expose_value=False,
                             is_eager=True, help="Show tracebacks for errors.")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import click
 
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options
+from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, metrics_file_option, repo_options
+from kyrorepo.metrics import textfile_after_restore
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
 from kyrorepo.snapshot import find_snapshot
@@ -47,9 +49,10 @@ def print_plan(plan, snap_id: str, as_json: bool) -> None:  # type: ignore[no-un
 @click.option("--allow-clear", is_flag=True, help="Replace the content of a non-empty data directory [$BACKUP_ALLOW_CLEAR].")
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted and restored; change nothing.")
 @click.option("--include", "includes", multiple=True, metavar="GLOB", help="Restore only matching paths (repeatable).")
+@metrics_file_option
 @json_option
 def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None, allow_clear: bool, dry_run: bool,
-            includes: tuple[str, ...], as_json: bool) -> None:
+            includes: tuple[str, ...], metrics_file: str | None, as_json: bool) -> None:
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
     opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
                           includes=includes)
@@ -66,6 +69,8 @@ def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None,
                 result = run_restore(repo, snap, opts)
     finally:
         repo.close()
+    if metrics_file:
+        textfile_after_restore(metrics_file, result.bytes, int(time.time()))
     if as_json:
         emit_json({"backup_id": snap.id, "target": os.path.abspath(target), "files": result.files,
                    "dirs": result.dirs, "bytes": result.bytes})
