@@ -16,6 +16,7 @@ import click
 
 from kyrorepo.backends import open_backend
 from kyrorepo.errors import UsageError
+from kyrorepo.keys import DEFAULT_ITERATIONS, DEFAULT_MEMORY_KIB
 from kyrorepo.repository import Repository, default_cache_root
 
 # Set by option callbacks so that main() formats errors the way the command asked.
@@ -37,6 +38,14 @@ metrics_file_option = click.option(
     help="Update this Prometheus textfile (node_exporter) after success [$KYROREPO_METRICS_FILE].")
 debug_option = click.option("--debug", is_flag=True, callback=_set_state("debug"), expose_value=False,
                             is_eager=True, help="Show tracebacks for errors.")
+
+
+def with_kdf(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--kdf-memory-kib / --kdf-iterations for commands that write a new key object."""
+    func = click.option("--kdf-iterations", type=int, default=DEFAULT_ITERATIONS, show_default=True,
+                        help="Argon2id time cost of a new key.")(func)
+    return click.option("--kdf-memory-kib", type=int, default=DEFAULT_MEMORY_KIB, show_default=True,
+                        help="Argon2id memory cost of a new key, in KiB.")(func)
 
 
 def repo_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,9 +7,9 @@ import datetime as _dt
 import click
 
 from kyrorepo.chunker import DEFAULT_AVG
-from kyrorepo.cli.common import RepoOptions, emit_json, json_option, repo_options
+from kyrorepo.cli.common import RepoOptions, emit_json, json_option, repo_options, with_kdf
 from kyrorepo.errors import NotFoundError, UsageError
-from kyrorepo.keys import DEFAULT_ITERATIONS, DEFAULT_MEMORY_KIB, KdfParams, parse_key_file
+from kyrorepo.keys import KdfParams, parse_key_file
 from kyrorepo.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
 
 
@@ -30,20 +30,6 @@ def parse_size(text: str) -> int:
     if not num.isdigit():
         raise UsageError(f"size {text!r} is not understood: use bytes or a K/M/G suffix, e.g. 32K")
     return int(num) * mult
-
-
-kdf_options = [
-    click.option("--kdf-memory-kib", type=int, default=DEFAULT_MEMORY_KIB, show_default=True,
-                 help="Argon2id memory cost of the new key, in KiB."),
-    click.option("--kdf-iterations", type=int, default=DEFAULT_ITERATIONS, show_default=True,
-                 help="Argon2id time cost of the new key."),
-]
-
-
-def with_kdf(func):  # type: ignore[no-untyped-def]
-    for opt in reversed(kdf_options):
-        func = opt(func)
-    return func
 
 
 @click.command()
