@@ -150,7 +150,7 @@ def is_boundary(ref_id: bytes) -> bool:
 class ContentListBuilder:
     """Streams chunk refs into a hash tree of content-list blobs, bounded in memory.
 
-    ``store(level, encoded)`` saves one content-list blob and returns its id.
+    ``store(encoded)`` saves one content-list blob and returns its id.
     """
 
     def __init__(self, store: Callable[[bytes], bytes]) -> None:
@@ -169,7 +169,12 @@ class ContentListBuilder:
         if is_boundary(ref[0]) or len(pending) >= MAX_REFS:
             self._emit(level)
 
-    def _emit(self, level: int) -> None:
+    def _emit(self, level: int, final: bool = False) -> None:
+        """Store the pending refs of ``level`` as one blob and pass its ref up a level.
+
+        While adding, the ref goes through ``_push`` (which may cut the level above);
+        when finishing, it is only appended, and the caller walks up level by level.
+        """
         pending = self.levels[level]
         if not pending:
             return
@@ -177,7 +182,12 @@ class ContentListBuilder:
         bid = self.store(encode_content(level, pending))
         self.levels[level] = []
         self.flushed = True
-        self._push(level + 1, (bid, total))
+        if not final:
+            self._push(level + 1, (bid, total))
+            return
+        if level + 1 == len(self.levels):
+            self.levels.append([])
+        self.levels[level + 1].append((bid, total))
 
     def finish(self) -> tuple[tuple[Ref, ...] | None, tuple[bytes, int] | None]:
         """Return (inline chunks, None) for short lists or (None, (root id, level))."""
@@ -191,19 +201,8 @@ class ContentListBuilder:
                 return None, (pending[0][0], level - 1)
             if not above and not pending:
                 raise AssertionError("content list lost its root")
-            self._emit_final(level)
+            self._emit(level, final=True)
             level += 1
-
-    def _emit_final(self, level: int) -> None:
-        pending = self.levels[level]
-        if not pending:
-            return
-        total = sum(n for _, n in pending)
-        bid = self.store(encode_content(level, pending))
-        self.levels[level] = []
-        if level + 1 == len(self.levels):
-            self.levels.append([])
-        self.levels[level + 1].append((bid, total))
 
 
 def iter_chunk_refs(node: Node, load: Callable[[bytes], bytes]) -> Iterator[Ref]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +26,18 @@ from kyrorepo.format import (
 )
 from kyrorepo.keys import open_key_file
 from kyrorepo.pack import PackBuilder, pack_id_of, parse_pack
-from kyrorepo.tree import DIR, FILE, SYMLINK, Node, decode_content, decode_tree, encode_content, encode_tree
+from kyrorepo.tree import (
+    DIR,
+    FILE,
+    SYMLINK,
+    ContentListBuilder,
+    Node,
+    decode_content,
+    decode_tree,
+    encode_content,
+    encode_tree,
+    iter_chunk_refs,
+)
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "v1.json")))
 MASTER = MasterKey(bytes.fromhex(GOLDEN["master_key"]))
@@ -181,3 +193,24 @@ def test_pack_roundtrip(blobs):
     for e in entries:
         assert CODEC.decode(e.type, e.id, data[e.offset:e.offset + e.length], "b") == expected[e.id][1]
         assert e.type == expected[e.id][0] and e.raw_length == len(expected[e.id][1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 2 ** 32))
+def test_content_list_tree_roundtrip(n, seed):
+    rnd = random.Random(seed)
+    refs = [(rnd.randbytes(32), rnd.randrange(1, 1 << 20)) for _ in range(n)]
+    store: dict[bytes, bytes] = {}
+
+    def put(data: bytes) -> bytes:
+        bid = KEYS.blob_id(data)
+        store[bid] = data
+        return bid
+
+    builder = ContentListBuilder(put)
+    for r in refs:
+        builder.add(r)
+    chunks, content = builder.finish()
+    node = Node(name=b"f", type=FILE, chunks=chunks, content=content)
+    assert list(iter_chunk_refs(node, store.__getitem__)) == refs
+    assert (content is None) == (n <= 8)
