@@ -9,7 +9,7 @@ import traceback
 import click
 
 from kyrorepo import __version__
-from kyrorepo.cli import backup_cmds, list_cmds, prune_cmds, repo_cmds, restore_cmds
+from kyrorepo.cli import backup_cmds, copy_cmds, list_cmds, prune_cmds, repo_cmds, restore_cmds, stats_cmds, verify_cmds, wal_cmds
 from kyrorepo.cli.common import STATE
 from kyrorepo.errors import ExitCode, KyroError
 
@@ -24,7 +24,7 @@ def cli() -> None:
     """
 
 
-for module in (repo_cmds, backup_cmds, list_cmds, restore_cmds, prune_cmds):
+for module in (repo_cmds, backup_cmds, list_cmds, restore_cmds, prune_cmds, stats_cmds, copy_cmds, verify_cmds, wal_cmds):
     module.register(cli)
 
 
