@@ -28,6 +28,7 @@ import msgpack
 
 from kyrorepo.format import BlobType, PackInfo
 from kyrorepo.ids import ID_LEN
+from kyrorepo.lmdbutil import lmdb_file_intact
 
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 _LOC = struct.Struct(f"<{ID_LEN}sBIII")
@@ -172,6 +173,9 @@ class IndexCache:
 
 def open_cache(cache_root: str, repo_id: str) -> IndexCache:
     path = os.path.join(cache_root, repo_id, "index")
+    if not lmdb_file_intact(path):
+        # Opening a truncated LMDB file would crash with SIGBUS: it is only a cache.
+        shutil.rmtree(path, ignore_errors=True)
     try:
         return IndexCache(path)
     except lmdb.Error:

@@ -45,7 +45,7 @@ class LockInfo:
         if now - self.time > STALE_AFTER:
             return True
         if self.host == socket.gethostname() and self.pid != os.getpid():
-            return not _pid_alive(self.pid)
+            return not pid_alive(self.pid)
         return False
 
     def describe(self) -> str:
@@ -54,7 +54,7 @@ class LockInfo:
         return f"{kind} lock {self.name} by {self.username}@{self.host} pid {self.pid}, refreshed {age}s ago"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -41,7 +41,6 @@ from kyrorepo.verify import (
     bounded_map,
     pack_id_from_name,
     read_trailer,
-    reset_cache,
 )
 
 SEGMENT_PACKS = 64  # packs per index segment written by 'repair index'
@@ -52,7 +51,7 @@ def rebuild_cache(repo: Repository) -> None:
     try:
         repo.cache.clear_index()
     except lmdb.Error:
-        reset_cache(repo)
+        repo.reset_cache()
     repo.sync_index(force=True)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
+
+import lmdb
 
 from kyrorepo.backends.base import Backend
 from kyrorepo.blob import BlobCodec
@@ -143,6 +146,16 @@ class Repository:
     def close(self) -> None:
         self.cache.close()
         self.backend.close()
+
+    def reset_cache(self) -> None:
+        """Throw the local index cache away (files cache included) and open an empty one."""
+        path = self.cache.path
+        with contextlib.suppress(lmdb.Error):
+            self.cache.close()
+        shutil.rmtree(path, ignore_errors=True)
+        self.cache = open_cache(self.cache_root, self.config.repo_id)
+        self.writer.cache = self.cache
+        self._synced = False
 
     # --- keys -----------------------------------------------------------------------------
 

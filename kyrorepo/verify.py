@@ -22,7 +22,6 @@ pool with a bounded number of packs in flight.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import secrets
@@ -43,10 +42,10 @@ from kyrorepo.audit_log import AuditLog, DamageNote, ScanRun, open_audit_log
 from kyrorepo.errors import IntegrityError, KyroError, NotFoundError, ObjectNotFoundError, UsageError
 from kyrorepo.format import BlobType, PackEntry, decode_trailer, encode_trailer
 from kyrorepo.ids import ID_LEN
-from kyrorepo.index import open_cache
 from kyrorepo.keys import parse_key_file
 from kyrorepo.pack import pack_id_of, pack_name, parse_pack
 from kyrorepo.repository import Repository
+from kyrorepo.locks import pid_alive
 from kyrorepo.restore import RestoreOptions, run_restore
 from kyrorepo.snapshot import Snapshot, load_snapshot
 from kyrorepo.tree import DIR, FILE, SYMLINK, Node, decode_content, decode_tree
@@ -247,26 +246,6 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
         yield done, fut.result()
 
 
-def reset_cache(repo: Repository) -> None:
-    """Throw the local index cache away (files cache included) and open an empty one."""
-    path = repo.cache.path
-    with contextlib.suppress(lmdb.Error):
-        repo.cache.close()
-    shutil.rmtree(path, ignore_errors=True)
-    repo.cache = open_cache(repo.cache_root, repo.config.repo_id)
-    repo.writer.cache = repo.cache
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class WorkIndex:
     """A throwaway LMDB environment: verify's view of the index, used from one thread.
 
@@ -279,7 +258,7 @@ class WorkIndex:
         os.makedirs(base, mode=0o700, exist_ok=True)
         for entry in os.listdir(base):  # left by killed runs
             pid = entry[len(WORK_PREFIX):].split("-", 1)[0]
-            if entry.startswith(WORK_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+            if entry.startswith(WORK_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
         self.path = os.path.join(base, f"{WORK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         self.env = lmdb.open(self.path, map_size=WORK_MAP_SIZE, max_dbs=10, subdir=True, readahead=False,
@@ -900,7 +879,7 @@ class Verifier:
                 self.repo.cache.clear_index()
         except (lmdb.Error, ValueError, struct.error):
             same = False
-            reset_cache(self.repo)
+            self.repo.reset_cache()
         if not same:
             self.report.notices.append(f"the local index cache in {self.repo.cache.path} did not match the index "
                                        "segments: rebuilt from them (it is only a cache, nothing was lost)")

@@ -228,3 +228,18 @@ def test_concurrent_writer_processes_make_distinct_packs(tmp_path):
             assert isinstance(info, PackInfo)
             assert info.pack_id not in seen
             seen.add(info.pack_id)
+
+
+def test_truncated_cache_is_thrown_away_not_a_crash(tmp_path):
+    repo = make_repo(tmp_path)
+    bid, _ = repo.add_blob(BlobType.DATA, os.urandom(1000))
+    repo.flush()
+    path = os.path.join(str(tmp_path / "cache"), repo.config.repo_id, "index", "data.mdb")
+    for _ in range(100):  # grow the file well past its first pages
+        repo.cache.put_file_stats("s", [(os.urandom(40), (1, 2, 3, 4, os.urandom(32)))])
+    repo.cache.close()
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    r2 = reopen(repo, tmp_path, cache="cache")
+    r2.sync_index()
+    assert r2.load_blob(bid)

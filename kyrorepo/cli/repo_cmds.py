@@ -10,7 +10,7 @@ from kyrorepo.chunker import DEFAULT_AVG
 from kyrorepo.cli.common import RepoOptions, emit_json, json_option, repo_options, with_kdf
 from kyrorepo.errors import NotFoundError, UsageError
 from kyrorepo.keys import KdfParams, parse_key_file
-from kyrorepo.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
+from kyrorepo.repository import DEFAULT_COMPRESSION, Repository
 
 
 def parse_compression(text: str) -> int:
