@@ -31,17 +31,11 @@ from kyrorepo.format import BlobType, PackInfo, encode_index
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, save_snapshot
-from kyrorepo.tree import DIR, FILE, Node, decode_tree, encode_tree
-from kyrorepo.verify import (
-    DEFAULT_WORKERS,
-    Lost,
-    Verifier,
-    VerifyOptions,
-    VerifyReport,
-    bounded_map,
-    pack_id_from_name,
-    read_trailer,
-)
+from kyrorepo.tree import DIR, FILE, Node, encode_tree
+from kyrorepo.verify import DEFAULT_WORKERS, Verifier, VerifyOptions
+from kyrorepo.verify_backups import Lost
+from kyrorepo.verify_data import bounded_map, pack_id_from_name, read_trailer
+from kyrorepo.verify_report import VerifyReport
 
 SEGMENT_PACKS = 64  # packs per index segment written by 'repair index'
 
@@ -166,15 +160,15 @@ class _Rewriter:
         fix.bytes_lost += size
 
     def unreadable(self, tid: bytes) -> int | None:
-        pairs = self.v.tree_damage(tid)
+        pairs = self.v.backups.tree_damage(tid)
         return pairs[0][1] if pairs and pairs[0][0] == b"" else None
 
     def tree(self, tid: bytes, prefix: bytes, fix: BackupFix) -> bytes:
         """The id of the tree ``tid`` without its damaged entries (``tid`` itself is readable)."""
-        if not self.v.tree_damage(tid):
+        if not self.v.backups.tree_damage(tid):
             return tid
         try:
-            nodes = decode_tree(self.v.load_meta(tid, BlobType.TREE), f"tree {tid.hex()[:16]}")
+            nodes = self.v.backups.load_tree(tid)
         except (Lost, IntegrityError):
             raise AssertionError("tree_damage said this tree is readable") from None
         kept: list[Node] = []
@@ -187,14 +181,14 @@ class _Rewriter:
                     continue
                 sub = self.tree(node.subtree, path + b"/", fix)
                 kept.append(node if sub == node.subtree else replace(node, subtree=sub))
-            elif node.type == FILE and (idx := self.v.file_damage(node)) is not None:
+            elif node.type == FILE and (idx := self.v.backups.file_damage(node)) is not None:
                 self.lose(fix, path, idx, node.size)
             else:
                 kept.append(node)
         return self.store(kept)
 
     def backup(self, snap: Snapshot) -> tuple[BackupFix, bytes] | None:
-        if not self.v.tree_damage(snap.tree):
+        if not self.v.backups.tree_damage(snap.tree):
             return None
         fix = BackupFix(snap.id, snap.source)
         idx = self.unreadable(snap.tree)
@@ -210,10 +204,10 @@ def _blocking(report: VerifyReport) -> list[str]:
 
 def _segments_with_damage(v: Verifier) -> list[str]:
     names: dict[str, None] = {}
-    for pid, listings in v.iter_listings():
+    for pid, listings in v.work.iter_listings():
         missing = v.work.get(v.work.listed, pid) is None
         for seg, _, entries in listings:
-            if missing or any(v.blob_damage(e.id) is not None for e in entries):
+            if missing or any(v.ledger.blob_damage(e.id) is not None for e in entries):
                 names[seg.hex()] = None
     return list(names)
 
@@ -226,7 +220,7 @@ def _drop_from_index(v: Verifier, names: list[str]) -> None:
         for p in repo.load_index_segment(name):
             if v.work.get(v.work.listed, p.pack_id) is None:
                 continue
-            entries = tuple(e for e in p.entries if v.blob_damage(e.id) is None)
+            entries = tuple(e for e in p.entries if v.ledger.blob_damage(e.id) is None)
             if entries:
                 kept.append(PackInfo(p.pack_id, p.pack_length, entries))
         new = repo.save_object(BlobType.INDEX, encode_index(kept)) if kept else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import kyrorepo.verify as verify_mod
+import kyrorepo.verify_data as verify_mod
 from kyrorepo.backends.local import LocalBackend
 from kyrorepo.cli.main import main
 from kyrorepo.pack import pack_name

@@ -10,7 +10,9 @@ from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repair import IndexRepair, SnapshotRepair, repair_index, repair_snapshots
-from kyrorepo.verify import DEFAULT_WORKERS, Damage, VerifyOptions, VerifyReport, parse_subset, run_verify
+from kyrorepo.verify import DEFAULT_WORKERS, VerifyOptions, run_verify
+from kyrorepo.verify_data import parse_subset
+from kyrorepo.verify_report import Damage, VerifyReport
 
 SHOW_FILES = 5
 SHOW_LOST = 20

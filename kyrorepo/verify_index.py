@@ -1,0 +1,199 @@
+"""Verify's own view of the index: a throwaway LMDB environment (docs/integrity.md, "Memory").
+
+Verify never trusts the local index cache; it loads the index segments into this scratch
+environment ``<cache root>/<repository id>/verify-<pid>-<token>``, removed at the end
+(leftovers of killed runs are removed by the next run). Named databases:
+
+* ``listed``   pack id -> size u64: the ``data/`` listing
+* ``listing``  pack id | segment id -> pack length u64 | encoded trailer entries
+* ``blobs``    blob id -> location(s) (duplicates kept), laid out like the index cache's
+               ``blobs``: pack id | type u8 | offset u32 | length u32 | raw length u32
+* ``damaged``  blob id -> damage record index u32
+* ``memo``     b"t" + tree id / b"c" + content-list id -> the damage found below it
+* ``needed``   pack id -> b"": packs the chosen backups use
+* ``ok_packs`` pack id -> size u64: indexed packs present with the size the index records
+* ``lru``      checked_ns u64 big endian | pack id -> size u64: subset audit order
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import struct
+from itertools import groupby
+from typing import Iterator
+
+import lmdb
+
+from kyrorepo.format import BlobType, PackEntry, PackInfo, decode_trailer, encode_trailer
+from kyrorepo.ids import ID_LEN
+from kyrorepo.index import BlobLocation
+from kyrorepo.locks import pid_alive
+
+WORK_PREFIX = "verify-"
+WORK_MAP_SIZE = 1 << 40
+COMMIT_EVERY = 10_000
+SCAN_BATCH = 1024
+
+LOC = struct.Struct(f"<{ID_LEN}sBIII")  # pack id, type, offset, length, raw length
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+
+Listing = tuple[bytes, int, tuple[PackEntry, ...]]  # (segment id, pack length, entries) of one indexed pack
+
+
+def encode_location(loc: BlobLocation) -> bytes:
+    return LOC.pack(loc.pack_id, int(loc.type), loc.offset, loc.length, loc.raw_length)
+
+
+def decode_location(raw: bytes) -> BlobLocation:
+    pid, btype, offset, length, raw_length = LOC.unpack(raw)
+    return BlobLocation(pid, BlobType(btype), offset, length, raw_length)
+
+
+def decode_listing(key: bytes, value: bytes) -> Listing:
+    return key[ID_LEN:], U64.unpack_from(value)[0], decode_trailer(value[U64.size:], "verify work index")
+
+
+def union_entries(listings: list[Listing]) -> tuple[PackEntry, ...]:
+    """Every entry any listing of one pack names, once, in offset order."""
+    seen: dict[PackEntry, None] = {}
+    for _, _, entries in listings:
+        seen.update(dict.fromkeys(entries))
+    return tuple(sorted(seen, key=lambda e: e.offset))
+
+
+def remove_stale(base: str) -> None:
+    """Remove the work environments of runs that were killed (their process is gone)."""
+    for entry in os.listdir(base):
+        pid = entry[len(WORK_PREFIX):].split("-", 1)[0]
+        if entry.startswith(WORK_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+
+
+class WorkIndex:
+    """A throwaway LMDB environment: verify's view of the index, used from one thread.
+
+    One write transaction serves reads and writes and is committed every
+    ``COMMIT_EVERY`` writes; ``scan`` reads in batches so the commits never invalidate it.
+    """
+
+    def __init__(self, cache_root: str, repo_id: str) -> None:
+        base = os.path.join(cache_root, repo_id)
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        remove_stale(base)
+        self.path = os.path.join(base, f"{WORK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        self.env = lmdb.open(self.path, map_size=WORK_MAP_SIZE, max_dbs=10, subdir=True, readahead=False,
+                             sync=False, metasync=False)
+        self.listed = self.env.open_db(b"listed")
+        self.listing = self.env.open_db(b"listing")
+        self.blobs = self.env.open_db(b"blobs", dupsort=True)
+        self.damaged = self.env.open_db(b"damaged")
+        self.memo = self.env.open_db(b"memo")
+        self.needed = self.env.open_db(b"needed")
+        self.ok_packs = self.env.open_db(b"ok_packs")
+        self.lru = self.env.open_db(b"lru")
+        self.txn = self.env.begin(write=True)
+        self.distinct_blobs = 0
+        self._writes = 0
+
+    def close(self) -> None:
+        try:
+            self.txn.abort()
+            self.env.close()
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _tick(self) -> None:
+        self._writes += 1
+        if self._writes >= COMMIT_EVERY:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            self._writes = 0
+
+    # --- generic access ---------------------------------------------------------------------
+
+    def put(self, db: lmdb._Database, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=db)
+        self._tick()
+
+    def get(self, db: lmdb._Database, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=db)
+
+    def has_prefix(self, db: lmdb._Database, prefix: bytes) -> bool:
+        cur = self.txn.cursor(db=db)
+        return cur.set_range(prefix) and cur.key().startswith(prefix)
+
+    def clear(self, db: lmdb._Database) -> None:
+        self.txn.drop(db, delete=False)
+
+    def scan(self, db: lmdb._Database, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        last: bytes | None = None
+        while True:
+            cur = self.txn.cursor(db=db)
+            ok = cur.set_range(prefix if last is None else last)
+            batch: list[tuple[bytes, bytes]] = []
+            while ok and len(batch) < SCAN_BATCH:
+                key = cur.key()
+                if not key.startswith(prefix):
+                    break
+                if key != last:
+                    batch.append((key, cur.value()))
+                ok = cur.next()
+            if not batch:
+                return
+            yield from batch
+            last = batch[-1][0]
+
+    # --- pack sizes (listed, ok_packs) -------------------------------------------------------
+
+    def put_size(self, db: lmdb._Database, pack_id: bytes, size: int) -> None:
+        self.put(db, pack_id, U64.pack(size))
+
+    def size(self, db: lmdb._Database, pack_id: bytes) -> int | None:
+        raw = self.get(db, pack_id)
+        return None if raw is None else U64.unpack(raw)[0]
+
+    def sizes(self, db: lmdb._Database) -> Iterator[tuple[bytes, int]]:
+        for pid, raw in self.scan(db):
+            yield pid, U64.unpack(raw)[0]
+
+    # --- the index segments (listing, blobs) ---------------------------------------------------
+
+    def add_pack(self, segment: bytes, info: PackInfo) -> None:
+        """Record one segment's listing of a pack and the location of every blob in it."""
+        self.put(self.listing, info.pack_id + segment, U64.pack(info.pack_length) + encode_trailer(info.entries))
+        for e in info.entries:
+            self.add_blob(e.id, BlobLocation(info.pack_id, e.type, e.offset, e.length, e.raw_length))
+
+    def add_blob(self, bid: bytes, loc: BlobLocation) -> None:
+        if self.txn.get(bid, db=self.blobs) is None:
+            self.distinct_blobs += 1
+        self.txn.put(bid, encode_location(loc), db=self.blobs, dupdata=True)
+        self._tick()
+
+    def location(self, bid: bytes) -> BlobLocation | None:
+        """The first recorded location of a blob."""
+        raw = self.get(self.blobs, bid)
+        return None if raw is None else decode_location(raw)
+
+    def has_blob_at(self, bid: bytes, loc: BlobLocation) -> bool:
+        return self.txn.cursor(db=self.blobs).set_key_dup(bid, encode_location(loc))
+
+    def iter_listings(self) -> Iterator[tuple[bytes, list[Listing]]]:
+        """(pack id, its listings) for every indexed pack, in id order."""
+        for pid, group in groupby(self.scan(self.listing), key=lambda kv: kv[0][:ID_LEN]):
+            yield pid, [decode_listing(k, v) for k, v in group]
+
+    def listings(self, pack_id: bytes) -> list[Listing]:
+        return [decode_listing(k, v) for k, v in self.scan(self.listing, pack_id)]
+
+    # --- damaged blobs ---------------------------------------------------------------------------
+
+    def damage_of(self, bid: bytes) -> int | None:
+        raw = self.get(self.damaged, bid)
+        return None if raw is None else U32.unpack(raw)[0]
+
+    def set_damage(self, bid: bytes, idx: int) -> None:
+        self.put(self.damaged, bid, U32.pack(idx))
