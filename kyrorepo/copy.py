@@ -23,7 +23,7 @@ from kyrorepo.keys import KdfParams
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import OBJECT_DIRS, Repository, unlock_master
 from kyrorepo.snapshot import Snapshot
-from kyrorepo.tree import DIR, FILE, Node, decode_content
+from kyrorepo.tree import DIR, FILE, Node, load_content
 from kyrorepo.walk import load_tree
 
 BATCH = 50_000
@@ -81,10 +81,7 @@ def _content_blobs(repo: Repository, node: Node) -> Iterator[tuple[bytes, BlobTy
 
 def _content_tree(repo: Repository, bid: bytes, level: int) -> Iterator[tuple[bytes, BlobType]]:
     yield bid, BlobType.CONTENT
-    got, refs = decode_content(repo.load_blob(bid, BlobType.CONTENT), f"content list {bid.hex()[:16]}")
-    if got != level:
-        raise IntegrityError(f"content list {bid.hex()[:16]} is level {got}, expected {level}")
-    for child, _ in refs:
+    for child, _ in load_content(bid, level, lambda b: repo.load_blob(b, BlobType.CONTENT)):
         if level == 0:
             yield child, BlobType.DATA
         else:

@@ -45,7 +45,7 @@ from kyrorepo.pack import PackBuilder, pack_id_of, pack_name, parse_pack
 from kyrorepo.repository import Repository
 from kyrorepo.retention import DAY, ForgetPlan, Policy, plan_forget
 from kyrorepo.snapshot import Snapshot, list_snapshots
-from kyrorepo.tree import DIR, FILE, decode_content
+from kyrorepo.tree import DIR, FILE, load_content
 from kyrorepo.walk import load_tree
 
 CRASH_ENV = "KYROREPO_TEST_CRASH_AT"
@@ -208,11 +208,7 @@ def mark(repo: Repository, state: PruneState, roots: Roots) -> int:
         def content(bid: bytes, level: int) -> None:
             if not used.add(bid):
                 return
-            what = f"content list {bid.hex()[:16]}"
-            got, refs = decode_content(repo.load_blob(bid, BlobType.CONTENT), what)
-            if got != level:
-                raise IntegrityError(f"{what} is level {got}, expected {level}: run 'kyrorepo verify'")
-            for ref, _ in refs:
+            for ref, _ in load_content(bid, level, lambda b: repo.load_blob(b, BlobType.CONTENT)):
                 if level == 0:
                     used.add(ref)
                 else:

@@ -215,10 +215,17 @@ def iter_chunk_refs(node: Node, load: Callable[[bytes], bytes]) -> Iterator[Ref]
     yield from _walk(node.content[0], node.content[1], load)
 
 
-def _walk(bid: bytes, level: int, load: Callable[[bytes], bytes]) -> Iterator[Ref]:
-    got_level, refs = decode_content(load(bid), f"content list {bid.hex()[:16]}")
+def load_content(bid: bytes, level: int, load: Callable[[bytes], bytes]) -> list[Ref]:
+    """The refs of content list ``bid``, checked to be of the expected ``level``."""
+    what = f"content list {bid.hex()[:16]}"
+    got_level, refs = decode_content(load(bid), what)
     if got_level != level:
-        raise IntegrityError(f"content list {bid.hex()[:16]} is level {got_level}, expected {level}")
+        raise IntegrityError(f"{what} is level {got_level}, expected {level}: run 'kyrorepo verify'")
+    return refs
+
+
+def _walk(bid: bytes, level: int, load: Callable[[bytes], bytes]) -> Iterator[Ref]:
+    refs = load_content(bid, level, load)
     if level == 0:
         yield from refs
     else:
