@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
@@ -12,6 +13,7 @@ from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import ExitCode, NotFoundError, UsageError
 from kyrorepo.snapshot import Snapshot, find_snapshot, iso_time, list_snapshots, parse_time
+from kyrorepo.walcapture import WalBackup, choose_codec
 
 
 def _dir_size(path: str) -> int:
@@ -25,8 +27,19 @@ def _dir_size(path: str) -> int:
     return total
 
 
+def wal_backup(wal_spec: str | None, data_dir: str, t: int | None) -> WalBackup | None:
+    """WAL capture for a backup: the codec given or detected; None for plain files."""
+    if not os.path.isdir(data_dir):
+        return None  # run_backup says what is wrong
+    codec = choose_codec(wal_spec, data_dir)
+    if codec is None:
+        return None
+    return WalBackup(codec, data_dir, time.time_ns() if t is None else t * 1_000_000_000)
+
+
 def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
-              when: str | None, full: bool, parent_id: str | None, as_json: bool) -> None:
+              when: str | None, full: bool, parent_id: str | None, as_json: bool,
+              wal_spec: str | None = None) -> None:
     if not data_dir:
         raise UsageError("no data directory given: pass --data-dir")
     src = source or default_source(data_dir)
@@ -46,13 +59,17 @@ def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description
                 parent = previous[0] if previous else None
             kind = "incremental" if parent is not None and not full else "full"
             total = _dir_size(data_dir) if not as_json and sys.stderr.isatty() else None
+            wal = wal_backup(wal_spec, data_dir, t)
             with byte_progress("backup", total) as progress:
                 opts = BackupOptions(data_dir=data_dir, source=src, parent=parent if not full else None,
                                      full=full, tags=tags, description=description, time=t, kind=kind,
-                                     progress=progress)
+                                     progress=progress, read_limit=wal.read_limit if wal else None,
+                                     wal=wal.record if wal else None)
                 result = run_backup(repo, opts)
     finally:
         repo.close()
+    if wal is not None:
+        result.warnings.extend(wal.warnings)
     report(result, as_json)
     if result.incomplete:
         raise click.exceptions.Exit(int(ExitCode.INCOMPLETE))
@@ -70,6 +87,7 @@ def report(result: BackupResult, as_json: bool) -> None:
             "files_unmodified": st["files_unmodified"], "file_count": st["file_count"],
             "duration_seconds": round(result.duration, 3), "warnings": result.warnings,
             "incomplete": result.incomplete,
+            "wal": None if not s.wal else {"codec": s.wal.get("codec"), "segments": len(s.wal.get("segments", []))},
         })
         return
     for w in result.warnings:
@@ -77,6 +95,8 @@ def report(result: BackupResult, as_json: bool) -> None:
     click.echo(f"Files: {st['files_new']} new, {st['files_changed']} changed, {st['files_unmodified']} unmodified")
     click.echo(f"Added to the repository: {human_bytes(st['added_bytes'])} ({human_bytes(st['stored_bytes'])} stored)")
     click.echo(f"Processed {st['file_count']} files, {human_bytes(st['logical_bytes'])} in {result.duration:.2f}s")
+    if s.wal:
+        click.echo(f"WAL ({s.wal.get('codec')}): {len(s.wal.get('segments', []))} segment(s) captured")
     click.echo(f"{s.kind} backup {s.short_id} saved ({s.id})")
 
 
@@ -88,6 +108,9 @@ def common_backup_options(func):  # type: ignore[no-untyped-def]
         click.option("--description", default="", help="Free text stored with the backup."),
         click.option("--tag", "tags", multiple=True, help="Tag the backup (repeatable)."),
         click.option("--time", "when", help="Record this backup time (Unix seconds or ISO 8601) instead of now."),
+        click.option("--wal", "wal_spec", metavar="NAME",
+                     help="WAL codec: kyrodb, chronicle, segments[:GLOB,...], or none "
+                          "(default: detected from the content)."),
     ]):
         func = opt(func)
     return func
@@ -100,9 +123,13 @@ def common_backup_options(func):  # type: ignore[no-untyped-def]
 @click.option("--parent-id", help="Compare against this backup instead of the latest of the source.")
 @json_option
 def backup(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
-           when: str | None, full: bool, parent_id: str | None, as_json: bool) -> None:
-    """Back up a data directory. Every backup is a complete snapshot."""
-    do_backup(ropts, data_dir, source, description, tags, when, full, parent_id, as_json)
+           when: str | None, wal_spec: str | None, full: bool, parent_id: str | None, as_json: bool) -> None:
+    """Back up a data directory. Every backup is a complete snapshot.
+
+    A database's WAL (KyroDB, Chronicle, or --wal segments:GLOB) is captured too: each
+    segment up to its last complete frame, its position recorded for restore-pitr.
+    """
+    do_backup(ropts, data_dir, source, description, tags, when, full, parent_id, as_json, wal_spec)
 
 
 @click.command("create-full")
@@ -110,9 +137,9 @@ def backup(ropts: RepoOptions, data_dir: str, source: str | None, description: s
 @common_backup_options
 @json_option
 def create_full(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
-                when: str | None, as_json: bool) -> None:
+                when: str | None, wal_spec: str | None, as_json: bool) -> None:
     """Seed form of 'backup --full'."""
-    do_backup(ropts, data_dir, source, description, tags, when, True, None, as_json)
+    do_backup(ropts, data_dir, source, description, tags, when, True, None, as_json, wal_spec)
 
 
 @click.command("create-incremental")
@@ -121,9 +148,10 @@ def create_full(ropts: RepoOptions, data_dir: str, source: str | None, descripti
 @click.option("--parent-id", required=True, help="The backup to compare against.")
 @json_option
 def create_incremental(ropts: RepoOptions, data_dir: str, source: str | None, description: str,
-                       tags: tuple[str, ...], when: str | None, parent_id: str, as_json: bool) -> None:
+                       tags: tuple[str, ...], when: str | None, wal_spec: str | None, parent_id: str,
+                       as_json: bool) -> None:
     """Seed form of 'backup --parent-id ID'."""
-    do_backup(ropts, data_dir, source, description, tags, when, False, parent_id, as_json)
+    do_backup(ropts, data_dir, source, description, tags, when, False, parent_id, as_json, wal_spec)
 
 
 def register(group: click.Group) -> None:
