@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import lmdb
 
 from kyrorepo.crypto import SEAL_OVERHEAD
-from kyrorepo.errors import IntegrityError, LockedError, ObjectNotFoundError, RefusedError
+from kyrorepo.errors import IntegrityError, LockedError, ObjectNotFoundError
 from kyrorepo.format import (
     ENTRY,
     PACK_FOOTER,
@@ -43,10 +43,12 @@ from kyrorepo.format import (
 from kyrorepo.ids import ID_LEN
 from kyrorepo.pack import PackBuilder, pack_id_of, pack_name, parse_pack
 from kyrorepo.repository import Repository
-from kyrorepo.retention import DAY, ForgetPlan, Policy, plan_forget
+from kyrorepo.retention import DAY, Duration, ForgetPlan, Policy, plan_forget
 from kyrorepo.snapshot import Snapshot, list_snapshots
 from kyrorepo.tree import DIR, FILE, load_content
+from kyrorepo.walcapture import load_captures
 from kyrorepo.walk import load_tree
+from kyrorepo.walretention import WalRetention, plan_wal_retention
 
 CRASH_ENV = "KYROREPO_TEST_CRASH_AT"
 CRASH_POINTS = ("forget", "repack", "index-write", "index-remove", "pack-delete")
@@ -110,19 +112,10 @@ class Roots:
     blobs: tuple[bytes, ...] = ()
 
 
-def referenced_roots(repo: Repository, snapshots: Iterable[Snapshot]) -> Roots:
-    """Roots of every blob that must survive: the trees of ``snapshots`` and, once they
-    can be traced here, the blobs of WAL captures (``walcaps/``)."""
-    check_traceable(repo)
-    return Roots(trees=tuple(s.tree for s in snapshots))
-
-
-def check_traceable(repo: Repository) -> None:
-    """Refuse to collect garbage while objects exist whose references prune cannot follow."""
-    captures = repo.object_names(BlobType.WALCAP)
-    if captures:
-        raise RefusedError(f"the repository holds {len(captures)} WAL capture(s) that this version of prune "
-                           "cannot trace: nothing was removed; run 'kyrorepo forget' alone, or upgrade kyrorepo")
+def referenced_roots(snapshots: Iterable[Snapshot], wal: WalRetention) -> Roots:
+    """Roots of every blob that must survive: the trees of ``snapshots`` and the data of
+    the WAL captures (``walcaps/``) kept for point-in-time recovery."""
+    return Roots(trees=tuple(s.tree for s in snapshots), contents=wal.contents, blobs=wal.blobs)
 
 
 class PruneState:
@@ -499,12 +492,12 @@ def run_gc(repo: Repository, state: PruneState, plan: GcPlan) -> GcResult:
     return result
 
 
-def collect_garbage(repo: Repository, survivors: Sequence[Snapshot], opts: GcOptions,
+def collect_garbage(repo: Repository, survivors: Sequence[Snapshot], wal: WalRetention, opts: GcOptions,
                     dry_run: bool) -> GcResult:
-    """Mark from ``survivors``, plan, and (unless ``dry_run``) repack and delete."""
+    """Mark from ``survivors`` and the kept WAL captures, plan, and (unless ``dry_run``) repack and delete."""
     state = PruneState.for_repo(repo)
     try:
-        mark(repo, state, referenced_roots(repo, survivors))
+        mark(repo, state, referenced_roots(survivors, wal))
         plan = plan_gc(repo, state, opts, record=not dry_run)
         if dry_run:
             return GcResult(plan)
@@ -521,13 +514,15 @@ class PruneResult:
     forget: ForgetPlan[Snapshot] | None
     removed: list[Snapshot]
     gc: GcResult | None
+    captures_dropped: list[str] = field(default_factory=list)
 
 
 def prune(repo: Repository, policy: Policy | None, group_by: str, source: str | None, gc: GcOptions | None,
-          dry_run: bool, now: int, retry_lock: float = 0) -> PruneResult:
-    """Apply ``policy`` (None: remove no backup), then collect garbage when ``gc`` is given.
+          dry_run: bool, now: int, retry_lock: float = 0, keep_wal_within: Duration | None = None) -> PruneResult:
+    """Apply ``policy`` (None: remove no backup), then, when ``gc`` is given, drop the WAL
+    captures no kept backup needs and collect garbage.
 
-    ``now`` anchors --min-age-days and the unindexed-pack grace period."""
+    ``now`` anchors --min-age-days, --keep-wal-within and the unindexed-pack grace period."""
     if gc is not None:
         gc = replace(gc, now=now)
     with locked(repo, exclusive=not dry_run, retry_seconds=retry_lock):
@@ -535,11 +530,18 @@ def prune(repo: Repository, policy: Policy | None, group_by: str, source: str | 
         snaps = list_snapshots(repo)
         fplan = plan_forget(snaps, policy, group_by, source, now) if policy is not None else None
         removed = fplan.remove if fplan is not None else []
-        if gc is not None:
-            check_traceable(repo)
         if not dry_run:
             forget(repo, removed)
         gone = {s.id for s in removed}
         survivors = [s for s in snaps if s.id not in gone]
-        result = collect_garbage(repo, survivors, gc, dry_run) if gc is not None else None
-    return PruneResult(fplan, removed, result)
+        if gc is None:
+            return PruneResult(fplan, removed, None)
+        since = None if keep_wal_within is None else keep_wal_within.before(now)
+        wal = plan_wal_retention(survivors, load_captures(repo), since)
+        if not dry_run:
+            for cap in wal.drop:
+                with contextlib.suppress(ObjectNotFoundError):
+                    repo.remove_object(BlobType.WALCAP, cap.id)
+            crash_point("walcap")
+        result = collect_garbage(repo, survivors, wal, gc, dry_run)
+    return PruneResult(fplan, removed, result, [c.id for c in wal.drop])

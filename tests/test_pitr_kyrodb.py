@@ -142,3 +142,34 @@ def test_a_gap_in_the_captured_wal_is_refused_or_restored_up_to(kr, tmp_path):
     assert [(g["from"], g["to"]) for g in w["gaps"]] == [(START + 14, START + 18)]
     kr("restore-pitr", "--timestamp", str(START + 19), "--data-dir", str(out), "--allow-clear")
     check_restored(out, written, START + 19, 18)
+
+
+def test_prune_keeps_what_the_window_needs(kr, tmp_path):
+    d = str(tmp_path / "data")
+    make_kyrodb.create(d, frames=10, frames_per_segment=4)  # S..S+9
+    kr("backup", "--data-dir", d, "--source", "p", "--time", str(START + 9))
+    make_kyrodb.append(d, 5, frames_per_segment=4)
+    kr("wal-archive", "--data-dir", d, "--source", "p", "--once", "--time", str(START + 14))  # before b2: droppable
+    make_kyrodb.append(d, 5, frames_per_segment=4)
+    b2 = kr.json("backup", "--data-dir", d, "--source", "p", "--time", str(START + 19))["id"]
+    make_kyrodb.append(d, 5, frames_per_segment=4)
+    kr("wal-archive", "--data-dir", d, "--source", "p", "--once", "--time", str(START + 24))
+    make_kyrodb.append(d, 5, frames_per_segment=4)
+    kr("wal-archive", "--data-dir", d, "--source", "p", "--once", "--time", str(START + 29))
+    written = frames_of(d)
+    assert kr.captures() == 3
+
+    dry = kr.json("prune", "--keep-last", "1", "--dry-run")
+    assert len(dry["wal_captures_dropped"]) == 1 and kr.captures() == 3
+    res = kr.json("prune", "--keep-last", "1", "--unindexed-grace", "0")
+    assert len(res["wal_captures_dropped"]) == 1 and kr.captures() == 2
+    assert [b["id"] for b in kr.json("list")] == [b2]
+    window = kr.json("pitr-window", "--source", "p")[0]
+    assert (window["earliest"], window["latest"], window["gaps"]) == (START + 19, START + 29, [])
+    kr("verify", "--full-scan")
+    out = tmp_path / "out"
+    for t in (START + 19, START + 22, START + 27, START + 29):
+        kr("restore-pitr", "--timestamp", str(t), "--data-dir", str(out), "--allow-clear", "--source", "p")
+        check_restored(out, written, t, 1)
+    kr("restore-pitr", "--timestamp", str(START + 15), "--data-dir", str(out), "--allow-clear", "--source", "p",
+       expect=14)

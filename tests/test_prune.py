@@ -398,18 +398,6 @@ def test_backup_cannot_start_while_prune_holds_the_exclusive_lock(k):
     k("backup", "--data-dir", str(k.tmp / "data"))
 
 
-def test_walcaps_block_garbage_collection_until_prune_can_trace_them(k):
-    s1, s2, s3 = history(k)
-    repo = Repository.open(open_backend(k.repo), PW.encode(), str(k.tmp / "other-cache"))
-    try:
-        repo.save_object(BlobType.WALCAP, b"a capture this prune cannot read")
-    finally:
-        repo.close()
-    before = k.files()
-    k("prune", "--keep-last", "1", expect=15)
-    assert k.files() == before and k.ids() == {s1, s2, s3}
-
-
 def test_damaged_or_missing_packs_are_never_made_worse(k):
     s1, s2, s3 = history(k)
     packs = sorted((os.path.getsize(os.path.join(d, n)), os.path.join(d, n))

@@ -142,6 +142,7 @@ def report(result: PruneResult, policy: Policy | None, dry_run: bool, as_json: b
                         "remove": [_decision_json(d) for d in ds if not d.keep]}
                        for key, ds in (fplan.groups.items() if fplan else [])],
             "removed": [s.id for s in result.removed],
+            "wal_captures_dropped": result.captures_dropped,
             "gc": _gc_json(result.gc, dry_run) if result.gc else None,
         })
         return
@@ -163,6 +164,9 @@ def report(result: PruneResult, policy: Policy | None, dry_run: bool, as_json: b
         return
     for w in gc.warnings:
         warn(w)
+    if result.captures_dropped:
+        click.echo(f"{pre}{'would drop' if dry_run else 'dropped'} {len(result.captures_dropped)} WAL capture(s) "
+                   "that no kept backup needs")
     p = gc.plan
     if dry_run:
         click.echo(f"DRY-RUN: {p.packs} pack(s), {human_bytes(p.used_bytes)} used, "
@@ -181,7 +185,8 @@ def report(result: PruneResult, policy: Policy | None, dry_run: bool, as_json: b
                    "backup's); a later prune removes them")
 
 
-def _run(ropts: RepoOptions, kw: dict[str, Any], gc: GcOptions | None, gc_only: bool, as_json: bool) -> None:
+def _run(ropts: RepoOptions, kw: dict[str, Any], gc: GcOptions | None, gc_only: bool, as_json: bool,
+         keep_wal_within: Duration | None = None) -> None:
     dry_run = kw.pop("dry_run")
     group_by = kw.pop("group_by")
     source = kw.pop("source")
@@ -199,7 +204,7 @@ def _run(ropts: RepoOptions, kw: dict[str, Any], gc: GcOptions | None, gc_only: 
         active = policy
     repo = ropts.open()
     try:
-        result = prune(repo, active, group_by, source, gc, dry_run, int(time.time()), retry_lock)
+        result = prune(repo, active, group_by, source, gc, dry_run, int(time.time()), retry_lock, keep_wal_within)
     finally:
         repo.close()
     report(result, active, dry_run, as_json)
@@ -228,9 +233,12 @@ def forget(ropts: RepoOptions, as_json: bool, **kw: Any) -> None:
 @click.option("--max-repack-size", metavar="SIZE", help="Read at most SIZE of packs for repacking.")
 @click.option("--unindexed-grace", default="24h", show_default=True, metavar="DURATION",
               help="Remove packs that no index lists only once first seen this long ago ('0' for now).")
+@click.option("--keep-wal-within", metavar="DURATION",
+              help="Keep WAL captures (point-in-time recovery) only this far back from now; default: from the "
+                   "oldest kept backup on.")
 @json_option
 def prune_cmd(ropts: RepoOptions, gc_only: bool, max_unused: str, max_repack_size: str | None,
-              unindexed_grace: str, as_json: bool, **kw: Any) -> None:
+              unindexed_grace: str, keep_wal_within: str | None, as_json: bool, **kw: Any) -> None:
     """Remove the backups no keep rule keeps, then free the space of data no backup uses.
 
     DURATION: numbers with units y (years), m (months), w (weeks), d (days), h (hours),
@@ -241,7 +249,7 @@ def prune_cmd(ropts: RepoOptions, gc_only: bool, max_unused: str, max_repack_siz
     gc = GcOptions(max_unused_pct=pct, max_unused_bytes=limit,
                    max_repack_size=parse_size(max_repack_size) if max_repack_size else None,
                    unindexed_grace=grace)
-    _run(ropts, kw, gc, gc_only, as_json)
+    _run(ropts, kw, gc, gc_only, as_json, parse_duration(keep_wal_within) if keep_wal_within else None)
 
 
 def _seconds(d: Duration) -> int:
