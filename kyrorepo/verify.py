@@ -33,6 +33,7 @@ from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.verify_backups import BackupChecker
+from kyrorepo.verify_captures import check_captures
 from kyrorepo.verify_data import (
     PackResult,
     Subset,
@@ -132,6 +133,10 @@ class Verifier:
             self.scan_data()
         if self.ledger.new_blob_damage:
             self.backups.reattribute(self.snapshots)
+        if not self.opts.backup_ids:
+            n = check_captures(self.repo, self.backups, self.ledger)
+            if n:
+                self.report.notices.append(f"{n} WAL capture(s) checked")
         check_cache(self.repo, self.work, self.good_segments, self.report.notices)
         self.report.coverage = coverage(self.audit, self.iter_scope(), self.started_ns)
         if not self.opts.backup_ids:

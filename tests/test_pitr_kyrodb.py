@@ -173,3 +173,23 @@ def test_prune_keeps_what_the_window_needs(kr, tmp_path):
         check_restored(out, written, t, 1)
     kr("restore-pitr", "--timestamp", str(START + 15), "--data-dir", str(out), "--allow-clear", "--source", "p",
        expect=14)
+
+
+def test_verify_checks_wal_captures(kr, tmp_path):
+    d = str(tmp_path / "data")
+    make_kyrodb.create(d, frames=10, frames_per_segment=4)
+    kr("backup", "--data-dir", d, "--source", "v", "--time", str(START + 9))
+    make_kyrodb.append(d, 40, frames_per_segment=100)
+    kr("wal-archive", "--data-dir", d, "--source", "v", "--once", "--time", str(START + 49))
+    assert "1 WAL capture(s) checked" in kr("verify")[0]
+    # Damage the capture's own data: the newest pack holds only what the capture stored.
+    packs = [os.path.join(dp, n) for dp, _, ns in os.walk(os.path.join(kr.cli.repo, "data")) for n in ns]
+    newest = max(packs, key=os.path.getmtime)
+    with open(newest, "r+b") as f:
+        f.seek(20)
+        b = f.read(1)
+        f.seek(20)
+        f.write(bytes([b[0] ^ 1]))
+    _, err = kr("verify", "--full-scan", expect=13)
+    out = kr.json("verify", "--full-scan", expect=13)
+    assert any("WAL capture walcaps/" in d["object"] for d in out["damaged"]), out["damaged"]
