@@ -23,7 +23,8 @@ from kyrorepo.keys import KdfParams
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import OBJECT_DIRS, Repository, unlock_master
 from kyrorepo.snapshot import Snapshot
-from kyrorepo.tree import DIR, FILE, Node, load_content
+from kyrorepo.tree import DIR, FILE, Node, load_content, unpackb
+from kyrorepo.wal.capture import Capture
 from kyrorepo.walk import load_tree
 
 BATCH = 50_000
@@ -37,6 +38,7 @@ class CopyResult:
     blobs_sent: int = 0
     bytes_sent: int = 0
     created: bool = False
+    captures: int = 0  # WAL captures present at the destination after the copy
 
 
 def open_or_create_related(src: Repository, backend: Backend, password: bytes, cache_root: str,
@@ -159,6 +161,24 @@ def copy_objects(src: Repository, dest: Repository, btype: BlobType, names: Iter
             _transfer(src, dest, batch, result)
         dest.flush()
         dest.backend.save(path, src.backend.load(path))
+
+
+def capture_blobs(repo: Repository, name: str) -> Iterator[tuple[bytes, BlobType]]:
+    """Every blob a WAL capture references (the stored segment versions' data)."""
+    cap = Capture.from_obj(unpackb(repo.load_object(BlobType.WALCAP, name), f"WAL capture {name[:8]}"), name)
+    for seg in cap.stored:
+        node = Node(name=b"", type=FILE, chunks=seg.data.chunks, content=seg.data.content)
+        yield from _content_blobs(repo, node)
+
+
+def captures_of(repo: Repository, sources: set[str]) -> list[str]:
+    """Names of the WAL captures of ``sources``, oldest first."""
+    caps = []
+    for name in repo.object_names(BlobType.WALCAP):
+        cap = Capture.from_obj(unpackb(repo.load_object(BlobType.WALCAP, name), f"WAL capture {name[:8]}"), name)
+        if cap.source in sources:
+            caps.append((cap.time_ns, name))
+    return [name for _, name in sorted(caps)]
 
 
 def check_at_destination(dest: Repository, snap: Snapshot) -> int:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from conftest import Cli
 from test_wal_capture import START, Kr, make_kyrodb
 
 
@@ -193,3 +194,20 @@ def test_verify_checks_wal_captures(kr, tmp_path):
     _, err = kr("verify", "--full-scan", expect=13)
     out = kr.json("verify", "--full-scan", expect=13)
     assert any("WAL capture walcaps/" in d["object"] for d in out["damaged"]), out["damaged"]
+
+
+def test_copy_carries_the_wal_captures(kr, tmp_path):
+    d = str(tmp_path / "data")
+    make_kyrodb.create(d, frames=10, frames_per_segment=4)
+    kr("backup", "--data-dir", d, "--source", "c", "--time", str(START + 9))
+    make_kyrodb.append(d, 10, frames_per_segment=4)
+    kr("wal-archive", "--data-dir", d, "--source", "c", "--once", "--time", str(START + 19))
+    written = frames_of(d)
+    offsite = str(tmp_path / "offsite")
+    res = kr.json("copy", "--to", offsite, "--kdf-memory-kib", "1024", "--kdf-iterations", "1")
+    assert res["wal_captures"] == 1
+    other = Kr(Cli(offsite, kr.cli.cache), kr.capsys, pytest.MonkeyPatch())
+    out = tmp_path / "out"
+    other("restore-pitr", "--timestamp", str(START + 16), "--data-dir", str(out), "--source", "c")
+    check_restored(out, written, START + 16, 1)
+    other("verify", "--full-scan")

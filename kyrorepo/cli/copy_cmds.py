@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from kyrorepo.cli.common import RepoOptions, emit_json, get_password, human_bytes, json_option, repo_options, with_kdf
-from kyrorepo.copy import CopyResult, check_at_destination, copy_snapshot, open_or_create_related
+from kyrorepo.copy import (
+    CopyResult,
+    capture_blobs,
+    captures_of,
+    check_at_destination,
+    copy_objects,
+    copy_snapshot,
+    open_or_create_related,
+)
 from kyrorepo.errors import UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.keys import KdfParams
@@ -46,6 +54,10 @@ def run_copy(ropts: RepoOptions, src_location: str, dest_location: str, backup_i
                 snaps = _choose(src, backup_ids, source)
                 for snap in snaps:
                     copy_snapshot(src, dest, snap, result)
+                # The WAL captures of the copied sources travel too, so the copy keeps PITR.
+                caps = captures_of(src, {s.source for s in snaps})
+                copy_objects(src, dest, BlobType.WALCAP, caps, lambda n: capture_blobs(src, n), result)
+                result.captures = len(caps)
                 if delete_after_upload:
                     for snap in snaps:
                         check_at_destination(dest, snap)
@@ -63,7 +75,8 @@ def report(result: CopyResult, forgotten: list[str], dest: str, as_json: bool) -
     if as_json:
         emit_json({"destination": dest, "created": result.created, "copied": result.copied,
                    "already_present": result.skipped, "blobs_sent": result.blobs_sent,
-                   "bytes_sent": result.bytes_sent, "forgotten": forgotten})
+                   "bytes_sent": result.bytes_sent, "wal_captures": result.captures,
+                   "forgotten": forgotten})
         return
     if result.created:
         click.echo(f"created related repository at {dest}")
