@@ -30,6 +30,8 @@ def test_stats_and_textfile(repo_cli, tmp_path):
     st = json.loads(repo_cli.run("stats", "--json").stdout)
     assert st["backups"] == 2 and st["sources"][0]["source"] == "db1" and st["sources"][0]["latest_files"] == 1
     textfile = tmp_path / "kyrorepo.prom"
+    repo_cli.run("backup", "--data-dir", str(data), "--source", "db1", "--metrics-file", str(textfile))
+    assert 'kyrorepo_backup_total{source="db1"} 1' in textfile.read_text()
     for i in range(2):
         repo_cli.run("restore", "--backup-id", "latest", "--data-dir", str(tmp_path / f"out{i}"),
                      "--metrics-file", str(textfile))

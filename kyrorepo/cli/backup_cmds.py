@@ -9,7 +9,16 @@ import time
 import click
 
 from kyrorepo.backup import BackupOptions, BackupResult, default_source, run_backup
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options, warn
+from kyrorepo.cli.common import (
+    RepoOptions,
+    emit_json,
+    human_bytes,
+    json_option,
+    metrics_file_option,
+    repo_options,
+    warn,
+)
+from kyrorepo.metrics import textfile_after_backup
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import ExitCode, NotFoundError, UsageError
 from kyrorepo.snapshot import Snapshot, find_snapshot, iso_time, list_snapshots, parse_time
@@ -39,7 +48,7 @@ def wal_backup(wal_spec: str | None, data_dir: str, t: int | None) -> WalBackup 
 
 def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
               when: str | None, full: bool, parent_id: str | None, as_json: bool,
-              wal_spec: str | None = None) -> None:
+              wal_spec: str | None = None, metrics_file: str | None = None) -> None:
     if not data_dir:
         raise UsageError("no data directory given: pass --data-dir")
     src = source or default_source(data_dir)
@@ -70,6 +79,8 @@ def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description
         repo.close()
     if wal is not None:
         result.warnings.extend(wal.warnings)
+    if metrics_file:
+        textfile_after_backup(metrics_file, result.snapshot, result.duration)
     report(result, as_json)
     if result.incomplete:
         raise click.exceptions.Exit(int(ExitCode.INCOMPLETE))
@@ -108,6 +119,7 @@ def common_backup_options(func):  # type: ignore[no-untyped-def]
         click.option("--description", default="", help="Free text stored with the backup."),
         click.option("--tag", "tags", multiple=True, help="Tag the backup (repeatable)."),
         click.option("--time", "when", help="Record this backup time (Unix seconds or ISO 8601) instead of now."),
+        metrics_file_option,
         click.option("--wal", "wal_spec", metavar="NAME",
                      help="WAL codec: kyrodb, chronicle, segments[:GLOB,...], or none "
                           "(default: detected from the content)."),
@@ -123,13 +135,14 @@ def common_backup_options(func):  # type: ignore[no-untyped-def]
 @click.option("--parent-id", help="Compare against this backup instead of the latest of the source.")
 @json_option
 def backup(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
-           when: str | None, wal_spec: str | None, full: bool, parent_id: str | None, as_json: bool) -> None:
+           when: str | None, wal_spec: str | None, metrics_file: str | None, full: bool, parent_id: str | None,
+           as_json: bool) -> None:
     """Back up a data directory. Every backup is a complete snapshot.
 
     A database's WAL (KyroDB, Chronicle, or --wal segments:GLOB) is captured too: each
     segment up to its last complete frame, its position recorded for restore-pitr.
     """
-    do_backup(ropts, data_dir, source, description, tags, when, full, parent_id, as_json, wal_spec)
+    do_backup(ropts, data_dir, source, description, tags, when, full, parent_id, as_json, wal_spec, metrics_file)
 
 
 @click.command("create-full")
@@ -137,9 +150,9 @@ def backup(ropts: RepoOptions, data_dir: str, source: str | None, description: s
 @common_backup_options
 @json_option
 def create_full(ropts: RepoOptions, data_dir: str, source: str | None, description: str, tags: tuple[str, ...],
-                when: str | None, wal_spec: str | None, as_json: bool) -> None:
+                when: str | None, wal_spec: str | None, metrics_file: str | None, as_json: bool) -> None:
     """Seed form of 'backup --full'."""
-    do_backup(ropts, data_dir, source, description, tags, when, True, None, as_json, wal_spec)
+    do_backup(ropts, data_dir, source, description, tags, when, True, None, as_json, wal_spec, metrics_file)
 
 
 @click.command("create-incremental")
@@ -148,10 +161,11 @@ def create_full(ropts: RepoOptions, data_dir: str, source: str | None, descripti
 @click.option("--parent-id", required=True, help="The backup to compare against.")
 @json_option
 def create_incremental(ropts: RepoOptions, data_dir: str, source: str | None, description: str,
-                       tags: tuple[str, ...], when: str | None, wal_spec: str | None, parent_id: str,
+                       tags: tuple[str, ...], when: str | None, wal_spec: str | None, metrics_file: str | None,
+                       parent_id: str,
                        as_json: bool) -> None:
     """Seed form of 'backup --parent-id ID'."""
-    do_backup(ropts, data_dir, source, description, tags, when, False, parent_id, as_json, wal_spec)
+    do_backup(ropts, data_dir, source, description, tags, when, False, parent_id, as_json, wal_spec, metrics_file)
 
 
 def register(group: click.Group) -> None:
