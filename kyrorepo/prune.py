@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import lmdb
 
 from kyrorepo.crypto import SEAL_OVERHEAD
 from kyrorepo.errors import IntegrityError, LockedError, ObjectNotFoundError
@@ -43,6 +41,7 @@ from kyrorepo.format import (
 from kyrorepo.ids import ID_LEN
 from kyrorepo.pack import PackBuilder, pack_id_of, pack_name, parse_pack
 from kyrorepo.repository import Repository
+from kyrorepo.prune_state import PruneState
 from kyrorepo.retention import DAY, Duration, ForgetPlan, Policy, plan_forget
 from kyrorepo.snapshot import Snapshot, list_snapshots
 from kyrorepo.tree import DIR, FILE, load_content
@@ -51,16 +50,14 @@ from kyrorepo.walk import load_tree
 from kyrorepo.walretention import WalRetention, plan_wal_retention
 
 CRASH_ENV = "KYROREPO_TEST_CRASH_AT"
-CRASH_POINTS = ("forget", "repack", "index-write", "index-remove", "pack-delete")
+CRASH_POINTS = ("forget", "walcap", "repack", "index-write", "index-remove", "pack-delete")
 DEFAULT_UNINDEXED_GRACE = DAY
 DEFAULT_MAX_UNUSED_PCT = 5.0
 SMALL_PACK_DIVISOR = 4  # packs below pack_size / 4 are small and get merged
 SEGMENT_MAX_ENTRIES = 65536
 SMALL_SEGMENT_BYTES = 256 * 1024
 SMALL_SEGMENTS_TO_COMPACT = 8
-MARK_COMMIT_EVERY = 65536
 LOCK_RETRY_STEP = 1.0
-_TIME = struct.Struct("<Q")
 
 
 def crash_point(name: str) -> None:
@@ -116,82 +113,6 @@ def referenced_roots(snapshots: Iterable[Snapshot], wal: WalRetention) -> Roots:
     """Roots of every blob that must survive: the trees of ``snapshots`` and the data of
     the WAL captures (``walcaps/``) kept for point-in-time recovery."""
     return Roots(trees=tuple(s.tree for s in snapshots), contents=wal.contents, blobs=wal.blobs)
-
-
-class PruneState:
-    """Local LMDB beside the index cache: the used-blob set and crash journals.
-
-    ``used``  blob id -> b""  (rebuilt by every run)
-    ``own``   pack id -> time: packs a repack saved, not yet known to be indexed
-    ``doomed`` pack id -> time: packs to remove once no index segment lists them
-    ``seen``  pack id -> time an unindexed pack was first seen (grace period)
-    """
-
-    def __init__(self, path: str) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(path, map_size=1 << 40, max_dbs=4, subdir=True, readahead=False)
-        self.dbs = {n: self.env.open_db(n.encode()) for n in ("used", "own", "doomed", "seen")}
-
-    @classmethod
-    def for_repo(cls, repo: Repository) -> "PruneState":
-        return cls(os.path.join(repo.cache_root, repo.config.repo_id, "prune"))
-
-    def close(self) -> None:
-        self.env.close()
-
-    def clear(self, db: str) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.drop(self.dbs[db], delete=False)
-
-    @contextlib.contextmanager
-    def adder(self) -> Iterator["UsedAdder"]:
-        adder = UsedAdder(self.env, self.dbs["used"])
-        try:
-            yield adder
-            adder.txn.commit()
-        except BaseException:
-            adder.txn.abort()
-            raise
-
-    @contextlib.contextmanager
-    def reader(self, db: str) -> Iterator[Callable[[bytes], bytes | None]]:
-        with self.env.begin(db=self.dbs[db]) as txn:
-            yield lambda key: txn.get(key)
-
-    def put(self, db: str, keys: Iterable[bytes], value: int) -> None:
-        with self.env.begin(write=True, db=self.dbs[db]) as txn:
-            for k in keys:
-                txn.put(k, _TIME.pack(value))
-
-    def delete(self, db: str, keys: Iterable[bytes]) -> None:
-        with self.env.begin(write=True, db=self.dbs[db]) as txn:
-            for k in keys:
-                txn.delete(k)
-
-    def items(self, db: str) -> dict[bytes, int]:
-        with self.env.begin(db=self.dbs[db]) as txn:
-            return {bytes(k): _TIME.unpack(v)[0] for k, v in txn.cursor()}
-
-
-class UsedAdder:
-    """Puts ids into the ``used`` set in batched write transactions."""
-
-    def __init__(self, env: lmdb.Environment, db: object) -> None:
-        self.env = env
-        self.db = db
-        self.txn = env.begin(write=True, db=db)
-        self.puts = 0
-        self.new = 0
-
-    def add(self, bid: bytes) -> bool:
-        """Add ``bid``; return whether it was not in the set yet."""
-        self.puts += 1
-        if self.puts % MARK_COMMIT_EVERY == 0:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True, db=self.db)
-        new = bool(self.txn.put(bid, b"", overwrite=False))
-        self.new += new
-        return new
 
 
 def mark(repo: Repository, state: PruneState, roots: Roots) -> int:
