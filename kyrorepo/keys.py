@@ -133,3 +133,12 @@ def open_key_file(data: bytes, key_id: str, password: bytes) -> MasterKey:
     if len(secret) != MASTER_KEY_LEN:
         raise IntegrityError(f"key object keys/{key_id} holds a master key of the wrong length")
     return MasterKey(secret)
+
+
+def key_opens(data: bytes, key_id: str, password: bytes) -> bool:
+    """Whether ``password`` opens this key object (a damaged one opens with nothing)."""
+    try:
+        open_key_file(data, key_id, password)
+    except (WrongPasswordError, IntegrityError):
+        return False
+    return True

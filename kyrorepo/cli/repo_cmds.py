@@ -9,7 +9,7 @@ import click
 from kyrorepo.chunker import DEFAULT_AVG
 from kyrorepo.cli.common import RepoOptions, emit_json, json_option, repo_options, with_kdf
 from kyrorepo.errors import NotFoundError, UsageError
-from kyrorepo.keys import KdfParams, parse_key_file
+from kyrorepo.keys import KdfParams, key_opens, parse_key_file
 from kyrorepo.repository import DEFAULT_COMPRESSION, Repository
 
 
@@ -132,6 +132,24 @@ def key_remove(ropts: RepoOptions, key_id: str) -> None:
     finally:
         repo.close()
     click.echo(f"removed key {matches[0][:8]}")
+
+
+@key.command("passwd")
+@repo_options
+@click.option("--new-password-file", type=click.Path(dir_okay=False), help="Read the new passphrase from this file.")
+@with_kdf
+def key_passwd(ropts: RepoOptions, new_password_file: str | None, kdf_memory_kib: int, kdf_iterations: int) -> None:
+    """Change the passphrase: add a key with the new one, then remove the key the old one opened."""
+    old = ropts.password()
+    repo = ropts.open()
+    try:
+        opened = [k for k in repo.key_ids() if key_opens(repo.backend.load(f"keys/{k}"), k, old)]
+        new_id = repo.add_key(_new_password_source(new_password_file), KdfParams(kdf_memory_kib, kdf_iterations))
+        for k in opened:
+            repo.backend.remove(f"keys/{k}")
+    finally:
+        repo.close()
+    click.echo(f"passphrase changed: key {new_id[:8]} added, {len(opened)} old key(s) removed")
 
 
 @click.command()
