@@ -1,10 +1,22 @@
 """Backup: walk a data directory into a snapshot tree.
 
-Pipeline: the walking thread reads each file with buffered reads, cuts it with FastCDC
-and hashes every chunk (both release the GIL); chunks the repository lacks go to a pool
-of workers that compress, seal and pack them. At most ``MAX_INFLIGHT`` chunks are
-queued, so memory stays flat whatever the file sizes. Trees and content lists are
-built bottom-up; the snapshot is saved last, after every pack and index segment.
+Pipeline (docs/performance.md, "Backup pipeline"), every stage bounded:
+
+* the walking thread lists directories, stats entries, reuses unchanged files, and hands
+  the files to read to ``readers`` reading threads (at most ``MAX_FILES_AHEAD`` ahead);
+  it encodes each directory's tree once the files in it are done;
+* a reading thread reads its file in large blocks, cuts each block with FastCDC, hashes
+  the chunks in place (both release the GIL), reserves the block's new chunk ids with
+  one index lookup, and copies only new chunks into batches of about ``BATCH_BYTES``;
+* ``workers`` sealing threads compress (zstd releases the GIL) and seal a whole batch,
+  then append it to the open pack under one lock acquisition; at most
+  ``MAX_BATCHES_AHEAD`` batches wait, so memory stays flat whatever the file sizes;
+* one upload thread finishes and saves full packs and writes the index segments
+  (``BlobWriter.background_uploads``).
+
+Trees and content lists are built bottom-up; the snapshot is saved last, after every
+pack and index segment. A failure in any stage stops the backup with that error and
+no snapshot is saved.
 
 Unchanged files: unless ``full``, a file whose size and mtime match its node in the
 parent snapshot, and whose ctime, inode and digest match the files cache entry of the
@@ -14,24 +26,38 @@ source, reuses the parent's node without being read.
 from __future__ import annotations
 
 import getpass
+import io
 import os
 import socket
 import stat
+import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from kyrorepo import __version__
+from kyrorepo.blob import BlobCodec
+from kyrorepo.chunker import Readable
 from kyrorepo.errors import NotFoundError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, save_snapshot
-from kyrorepo.tree import DIR, FILE, SYMLINK, ContentListBuilder, Node, decode_tree, encode_tree
+from kyrorepo.tree import (
+    DIR,
+    FILE,
+    SYMLINK,
+    ContentListBuilder,
+    Node,
+    decode_tree,
+    encode_tree,
+)
+from kyrorepo.writer import BlobWriter, release_index_pages, tune_allocator
 
-READ_SIZE = 1024 * 1024
-MAX_INFLIGHT = 64
+BATCH_BYTES = 1024 * 1024
+MAX_BATCHES_AHEAD = 4
+MAX_FILES_AHEAD = 64
+READ_INLINE_BELOW = 1024 * 1024  # smaller files are read on the walking thread
 CHANGE_RETRIES = 3
 FILES_CACHE_BATCH = 4096
 
@@ -41,10 +67,14 @@ Progress = Callable[[int, int], None]  # (bytes done delta, files done delta)
 ReadLimit = Callable[[bytes, str], "int | None"]
 
 
+def default_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
 class _Limited:
     """A reader that stops after ``limit`` bytes."""
 
-    def __init__(self, f, limit: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, f: Readable, limit: int) -> None:
         self.f = f
         self.left = limit
 
@@ -67,10 +97,11 @@ class BackupOptions:
     description: str = ""
     time: int | None = None
     kind: str = "incremental"
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)  # sealing threads
     progress: Progress | None = None
     read_limit: ReadLimit | None = None
     wal: dict | None = None  # WAL capture summary recorded in the snapshot
+    readers: int = 1  # file reading threads; 0 reads on the walking thread
 
 
 @dataclass
@@ -93,20 +124,262 @@ class _Counters:
     incomplete: bool = False
 
 
+@dataclass
+class _FileResult:
+    node: Node | None
+    warnings: list[str] = field(default_factory=list)
+    incomplete: bool = False
+
+
 class FileChangedError(Exception):
     pass
+
+
+class SourceReadError(Exception):
+    """An OSError reading a source file, told apart from errors of the pipeline stages."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Source:
+    """A source file being read; its read errors become ``SourceReadError``."""
+
+    def __init__(self, f: Readable) -> None:
+        self.f = f
+
+    def readinto(self, b: memoryview) -> int:
+        try:
+            return self.f.readinto(b) or 0
+        except OSError as exc:
+            raise SourceReadError(exc) from exc
 
 
 def default_source(data_dir: str) -> str:
     return f"{socket.gethostname()}:{os.path.abspath(data_dir)}"
 
 
-class _Walker:
-    def __init__(self, repo: Repository, opts: BackupOptions, pool: ThreadPoolExecutor) -> None:
+class _Sealer:
+    """Compresses and seals batches of new chunks on worker threads, a bounded number ahead."""
+
+    def __init__(self, writer: BlobWriter, codec: BlobCodec, workers: int) -> None:
+        self.writer = writer
+        self.codec = codec
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="seal")
+        self.slots = threading.BoundedSemaphore(max(MAX_BATCHES_AHEAD, 2 * workers))
+        self.error: BaseException | None = None
+        self.aborted = False
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Queue ``batch`` of (reserved id, chunk); blocks while too many batches wait."""
+        try:
+            self.check()
+            self.slots.acquire()
+        except BaseException:
+            self.writer.release(bid for bid, _ in batch)
+            raise
+        try:
+            self.pool.submit(self._seal, batch)
+        except BaseException:
+            self.slots.release()
+            self.writer.release(bid for bid, _ in batch)
+            raise
+
+    def _seal(self, batch: list[tuple[bytes, bytes]]) -> None:
+        done = False
+        try:
+            if self.error is None and not self.aborted:
+                encode = self.codec.encode
+                sealed = [(bid, encode(BlobType.DATA, bid, data), len(data)) for bid, data in batch]
+                self.writer.add_reserved(BlobType.DATA, sealed)
+                done = True
+        except BaseException as exc:  # noqa: BLE001 - raised again on the walking thread
+            if self.error is None:
+                self.error = exc
+        finally:
+            if not done:
+                self.writer.release(bid for bid, _ in batch)
+            self.slots.release()
+
+    def close(self) -> None:
+        """Wait for every queued batch; raise the first error of any of them."""
+        self.pool.shutdown(wait=True)
+        self.check()
+
+    def abort(self) -> None:
+        """Skip (and release) every batch not yet sealed, and wait for the threads."""
+        self.aborted = True
+        self.pool.shutdown(wait=True)
+
+
+class _Batch:
+    """New chunks of one reading thread, handed to the sealer about ``BATCH_BYTES`` at a time.
+
+    Small files share a batch, so that a tree of many small files costs one hand-over
+    per batch rather than one per file. Every id in it is reserved: a batch is either
+    submitted (the sealer then stores or releases it) or released.
+    """
+
+    def __init__(self, sealer: _Sealer) -> None:
+        self.sealer = sealer
+        self.items: list[tuple[bytes, bytes]] = []
+        self.nbytes = 0
+
+    def add(self, bid: bytes, data: bytes) -> None:
+        self.items.append((bid, data))
+        self.nbytes += len(data)
+
+    def full(self) -> bool:
+        return self.nbytes >= BATCH_BYTES
+
+    def flush(self) -> None:
+        if self.items:
+            items, self.items, self.nbytes = self.items, [], 0
+            self.sealer.submit(items)
+
+    def release(self) -> None:
+        self.sealer.writer.release(bid for bid, _ in self.items)
+        self.items, self.nbytes = [], 0
+
+
+class _FileReader:
+    """Reads, chunks and hashes one file; new chunks go to the sealer in batches."""
+
+    def __init__(self, repo: Repository, opts: BackupOptions, sealer: _Sealer) -> None:
         self.repo = repo
         self.opts = opts
-        self.pool = pool
-        self.inflight: deque[Future] = deque()
+        self.sealer = sealer
+
+    def store_meta(self, btype: BlobType, data: bytes) -> bytes:
+        bid, _ = self.repo.add_blob(btype, data)
+        return bid
+
+    def read_alone(self, path: str, rel: bytes) -> _FileResult:
+        """Read one file with a batch of its own (on a reading thread)."""
+        batch = _Batch(self.sealer)
+        try:
+            result = self.read_file(path, rel, batch)
+            batch.flush()
+        except BaseException:
+            batch.release()
+            raise
+        return result
+
+    def read_file(self, path: str, rel: bytes, batch: _Batch) -> _FileResult:
+        shown = rel.decode(errors="replace")
+        result = _FileResult(None)
+        for attempt in range(CHANGE_RETRIES + 1):
+            last = attempt == CHANGE_RETRIES
+            try:
+                result.node = self._read_once(path, rel, result, batch, tolerate_change=last)
+                return result
+            except FileChangedError:
+                if not os.path.lexists(path):
+                    result.warnings.append(f"{shown}: vanished during backup")
+                    return result
+            except SourceReadError as err:
+                if isinstance(err.exc, FileNotFoundError):
+                    result.warnings.append(f"{shown}: vanished during backup")
+                else:
+                    result.warnings.append(f"{shown}: cannot read ({err.exc.strerror or err.exc})")
+                    result.incomplete = True
+                return result
+        raise AssertionError("unreachable")
+
+    def _read_once(self, path: str, rel: bytes, result: _FileResult, batch: _Batch, tolerate_change: bool) -> Node:
+        repo = self.repo
+        blob_id = repo.keys.blob_id
+        hasher = repo.keys.hasher()
+        builder = ContentListBuilder(lambda data: self.store_meta(BlobType.CONTENT, data))
+        progress = self.opts.progress
+        size = 0
+        limit = self.opts.read_limit(rel, path) if self.opts.read_limit else None
+        with _open_source(path) as f:
+            fst = _fstat(f.fileno())
+            source = _Source(f)
+            stream: Readable = source if limit is None else _Limited(source, limit)
+            for block in repo.chunker.blocks_of_stream(stream):
+                data = block.data
+                hasher.update(data)
+                start = 0
+                spans = []
+                for end in block.cuts:
+                    spans.append((start, end))
+                    start = end
+                ids = [blob_id(data[a:b]) for a, b in spans]
+                for bid, (a, b), new in zip(ids, spans, repo.writer.reserve(ids)):
+                    if new:
+                        batch.add(bid, bytes(data[a:b]))
+                    builder.add((bid, b - a))
+                if batch.full():
+                    batch.flush()
+                size += len(data)
+                if progress:
+                    progress(len(data), 0)
+                del data, block
+            after = _fstat(f.fileno())
+        if limit is not None:
+            # A growing WAL segment: what was read up to its last complete frame stands.
+            changed = size != limit
+        else:
+            changed = (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != \
+                (fst.st_mtime_ns, fst.st_ctime_ns, fst.st_size) or size != after.st_size
+        if changed:
+            if not tolerate_change:
+                raise FileChangedError(path)
+            result.warnings.append(f"{rel.decode(errors='replace')}: changed while it was read "
+                                   f"{CHANGE_RETRIES + 1} times; stored as last read")
+            result.incomplete = True
+        chunks, content = builder.finish()
+        if progress:
+            progress(0, 1)
+        return Node(name=b"", type=FILE, mode=stat.S_IMODE(fst.st_mode), uid=fst.st_uid, gid=fst.st_gid,
+                    mtime_ns=fst.st_mtime_ns, size=size, digest=hasher.digest(), chunks=chunks, content=content)
+
+
+def _open_source(path: str) -> io.FileIO:
+    try:
+        f = io.FileIO(path, "rb")
+    except OSError as exc:
+        raise SourceReadError(exc) from exc
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return f
+
+
+def _fstat(fd: int) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        raise SourceReadError(exc) from exc
+
+
+@dataclass
+class _PendingFile:
+    """A file handed to a reading thread; completed into a node by the walking thread."""
+
+    name: bytes
+    rel: bytes
+    st: os.stat_result
+    parent: Node | None
+    xattrs: tuple[tuple[bytes, bytes], ...]
+    future: Future[_FileResult]
+
+
+class _Walker:
+    def __init__(self, repo: Repository, opts: BackupOptions, reader: _FileReader,
+                 readers: ThreadPoolExecutor | None) -> None:
+        self.repo = repo
+        self.opts = opts
+        self.reader = reader
+        self.readers = readers
+        self.file_slots = threading.BoundedSemaphore(MAX_FILES_AHEAD)
+        self.batch = _Batch(reader.sealer)  # new chunks of files read on this thread
         self.c = _Counters()
         self.links: dict[tuple[int, int], int] = {}
         self.file_stats: list[tuple[bytes, tuple[int, int, int, int, bytes]]] = []
@@ -118,15 +391,6 @@ class _Walker:
         self.c.warnings.append(msg)
         if incomplete:
             self.c.incomplete = True
-
-    def _submit(self, btype: BlobType, data: bytes, bid: bytes) -> None:
-        while len(self.inflight) >= MAX_INFLIGHT:
-            self.inflight.popleft().result()
-        self.inflight.append(self.pool.submit(self.repo.writer.add, btype, data, bid))
-
-    def drain(self) -> None:
-        while self.inflight:
-            self.inflight.popleft().result()
 
     def store_meta(self, btype: BlobType, data: bytes) -> bytes:
         bid, _ = self.repo.add_blob(btype, data)
@@ -141,6 +405,7 @@ class _Walker:
         if self.file_stats and (force or len(self.file_stats) >= FILES_CACHE_BATCH):
             self.repo.cache.put_file_stats(self.opts.source, self.file_stats)
             self.file_stats = []
+            release_index_pages(self.repo.cache)
 
     # --- nodes ----------------------------------------------------------------------------
 
@@ -164,7 +429,7 @@ class _Walker:
     def dir_tree(self, path: str, rel: bytes, parent_tree: bytes | None) -> bytes:
         """Store the tree of directory ``path`` and return its id."""
         parent_nodes = self.load_parent_tree(parent_tree)
-        nodes: list[Node] = []
+        nodes: list[Node | _PendingFile] = []
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: os.fsencode(e.name))
@@ -177,10 +442,11 @@ class _Walker:
             node = self.entry_node(entry.path, name, child_rel, parent_nodes.get(name))
             if node is not None:
                 nodes.append(node)
+        done = [n for n in (self.complete(n) if isinstance(n, _PendingFile) else n for n in nodes) if n is not None]
         self.c.dir_count += 1
-        return self.store_meta(BlobType.TREE, encode_tree(nodes))
+        return self.store_meta(BlobType.TREE, encode_tree(done))
 
-    def entry_node(self, path: str, name: bytes, rel: bytes, parent: Node | None) -> Node | None:
+    def entry_node(self, path: str, name: bytes, rel: bytes, parent: Node | None) -> Node | _PendingFile | None:
         shown = rel.decode(errors="replace")
         try:
             st = os.lstat(path)
@@ -207,22 +473,53 @@ class _Walker:
         return None
 
     def file_node(self, path: str, name: bytes, rel: bytes, st: os.stat_result, parent: Node | None,
-                  xattrs: tuple[tuple[bytes, bytes], ...]) -> Node | None:
+                  xattrs: tuple[tuple[bytes, bytes], ...]) -> Node | _PendingFile | None:
+        node = self.reuse(rel, st, parent)
+        if node is not None:
+            self.c.files_unmodified += 1
+            return self.finish_file(node, name, rel, st, xattrs)
+        self.reader.sealer.check()
+        if self.readers is None or st.st_size < READ_INLINE_BELOW:
+            future: Future[_FileResult] = Future()
+            future.set_result(self.reader.read_file(path, rel, self.batch))
+            if self.batch.full():
+                self.batch.flush()
+        else:
+            self.file_slots.acquire()
+            try:
+                future = self.readers.submit(self._read_in_slot, path, rel)
+            except BaseException:
+                self.file_slots.release()
+                raise
+        return _PendingFile(name, rel, st, parent, xattrs, future)
+
+    def _read_in_slot(self, path: str, rel: bytes) -> _FileResult:
+        try:
+            return self.reader.read_alone(path, rel)
+        finally:
+            self.file_slots.release()
+
+    def complete(self, pending: _PendingFile) -> Node | None:
+        """Wait for a file handed to a reading thread and turn its result into a node."""
+        result = pending.future.result()
+        for w in result.warnings:
+            self.warn(w)
+        if result.incomplete:
+            self.c.incomplete = True
+        if result.node is None:
+            return None
+        if pending.parent is not None and pending.parent.type == FILE:
+            self.c.files_changed += 1
+        else:
+            self.c.files_new += 1
+        return self.finish_file(result.node, pending.name, pending.rel, pending.st, pending.xattrs)
+
+    def finish_file(self, node: Node, name: bytes, rel: bytes, st: os.stat_result,
+                    xattrs: tuple[tuple[bytes, bytes], ...]) -> Node:
         links = None
         if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             links = self.links.setdefault(key, len(self.links) + 1)
-        node = self.reuse(rel, st, parent)
-        if node is not None:
-            self.c.files_unmodified += 1
-        else:
-            node = self.read_file(path, rel, st)
-            if node is None:
-                return None
-            if parent is not None and parent.type == FILE:
-                self.c.files_changed += 1
-            else:
-                self.c.files_new += 1
         self.c.file_count += 1
         self.c.logical_bytes += node.size
         assert node.digest is not None
@@ -246,60 +543,25 @@ class _Walker:
             self.opts.progress(st.st_size, 1)
         return parent
 
-    def read_file(self, path: str, rel: bytes, st: os.stat_result) -> Node | None:
-        shown = rel.decode(errors="replace")
-        for attempt in range(CHANGE_RETRIES + 1):
-            last = attempt == CHANGE_RETRIES
-            try:
-                return self._read_once(path, rel, st, tolerate_change=last)
-            except FileChangedError:
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    self.warn(f"{shown}: vanished during backup")
-                    return None
-            except FileNotFoundError:
-                self.warn(f"{shown}: vanished during backup")
-                return None
-            except OSError as exc:
-                self.warn(f"{shown}: cannot read ({exc.strerror or exc})", incomplete=True)
-                return None
-        raise AssertionError("unreachable")
 
-    def _read_once(self, path: str, rel: bytes, st: os.stat_result, tolerate_change: bool) -> Node:
-        hasher = self.repo.keys.hasher()
-        builder = ContentListBuilder(lambda data: self.store_meta(BlobType.CONTENT, data))
-        size = 0
-        limit = self.opts.read_limit(rel, path) if self.opts.read_limit else None
-        with open(path, "rb", buffering=READ_SIZE) as f:
-            fst = os.fstat(f.fileno())
-            stream = f if limit is None else _Limited(f, limit)
-            for chunk in self.repo.chunker.chunks_of_stream(stream):
-                hasher.update(chunk)
-                bid = self.repo.keys.blob_id(chunk)
-                if not self.repo.writer.known(bid):
-                    self._submit(BlobType.DATA, chunk, bid)
-                builder.add((bid, len(chunk)))
-                size += len(chunk)
-                if self.opts.progress:
-                    self.opts.progress(len(chunk), 0)
-            after = os.fstat(f.fileno())
-        if limit is not None:
-            # A growing WAL segment: what was read up to its last complete frame stands.
-            changed = size != limit
-        else:
-            changed = (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != \
-                (fst.st_mtime_ns, fst.st_ctime_ns, fst.st_size) or size != after.st_size
-        if changed:
-            if not tolerate_change:
-                raise FileChangedError(path)
-            self.warn(f"{rel.decode(errors='replace')}: changed while it was read {CHANGE_RETRIES + 1} times; "
-                      "stored as last read", incomplete=True)
-        chunks, content = builder.finish()
-        if self.opts.progress:
-            self.opts.progress(0, 1)
-        return Node(name=b"", type=FILE, mode=stat.S_IMODE(fst.st_mode), uid=fst.st_uid, gid=fst.st_gid,
-                    mtime_ns=fst.st_mtime_ns, size=size, digest=hasher.digest(), chunks=chunks, content=content)
+def _walk_tree(repo: Repository, opts: BackupOptions, root: str) -> tuple[bytes, _Walker]:
+    """Run the pipeline over ``root``; return its tree id once every blob is in a pack."""
+    sealer = _Sealer(repo.writer, repo.codec, opts.workers)
+    readers = ThreadPoolExecutor(max_workers=opts.readers, thread_name_prefix="read") if opts.readers > 0 else None
+    walker = _Walker(repo, opts, _FileReader(repo, opts, sealer), readers)
+    try:
+        tree = walker.dir_tree(root, b"", opts.parent.tree if opts.parent else None)
+        walker.batch.flush()
+    except BaseException:
+        walker.batch.release()
+        if readers is not None:
+            readers.shutdown(wait=True, cancel_futures=True)
+        sealer.abort()
+        raise
+    if readers is not None:
+        readers.shutdown(wait=True)
+    sealer.close()
+    return tree, walker
 
 
 def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
@@ -311,16 +573,16 @@ def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
         raise NotFoundError(f"data directory {root} does not exist: check --data-dir") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"data directory {root} is not a directory")
+    if opts.workers < 1 or opts.readers < 0:
+        raise UsageError(f"backup needs at least one sealing thread (workers={opts.workers}, readers={opts.readers})")
+    tune_allocator()
     started = time.time()
     repo.sync_index()
+    release_index_pages(repo.cache)
     before = (repo.writer.stats.raw_bytes_added, repo.writer.stats.stored_bytes_added)
-    with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="seal") as pool:
-        walker = _Walker(repo, opts, pool)
-        try:
-            tree = walker.dir_tree(root, b"", opts.parent.tree if opts.parent else None)
-        finally:
-            walker.drain()
-    repo.flush()
+    with repo.writer.background_uploads():
+        tree, walker = _walk_tree(repo, opts, root)
+        repo.flush()
     walker.flush_file_stats(force=True)
     c = walker.c
     finished = time.time()
@@ -348,4 +610,3 @@ def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
     )
     snap = save_snapshot(repo, snap)
     return BackupResult(snap, c.warnings, c.incomplete, finished - started)
-

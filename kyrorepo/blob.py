@@ -36,25 +36,28 @@ class BlobCodec:
             d = self._local.zd = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, btype: BlobType, bid: bytes, data: bytes) -> bytes:
-        """Return the sealed blob for ``data`` (whose id ``bid`` the caller computed)."""
-        packed = self._zc().compress(data) if self.level > 0 and data else b""
+    def encode(self, btype: BlobType, bid: bytes, data: bytes | memoryview) -> bytes:
+        """Return the sealed blob for ``data`` (whose id ``bid`` the caller computed).
+
+        zstd releases the GIL while it compresses, so several threads encode in parallel.
+        """
+        packed = self._zc().compress(data) if self.level > 0 and len(data) else b""
         if packed and len(packed) < len(data):
             body = b"\x01" + packed
         else:
-            body = b"\x00" + data
+            body = b"".join((b"\x00", data))
         return self.keys.seal(btype, bid, body)
 
-    def decode(self, btype: BlobType, bid: bytes, sealed: bytes, what: str, check_id: bool = True) -> bytes:
+    def decode(self, btype: BlobType, bid: bytes, sealed: bytes | memoryview, what: str, check_id: bool = True) -> bytes:
         """Open, decompress and (by default) re-hash a sealed blob."""
-        body = self.keys.open(btype, bid, sealed, what)
+        body = self.keys.open(btype, bid, sealed, what)  # type: ignore[arg-type]  # open() slices a view as well
         if not body:
             raise IntegrityError(f"{what}: empty plaintext")
         if body[0] == COMP_RAW:
             data = body[1:]
         elif body[0] == COMP_ZSTD:
             try:
-                data = self._zd().decompress(body[1:], max_output_size=MAX_BLOB)
+                data = self._zd().decompress(memoryview(body)[1:], max_output_size=MAX_BLOB)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(f"{what}: compressed data is damaged ({exc})") from None
         else:
