@@ -135,6 +135,10 @@ class FileChangedError(Exception):
     pass
 
 
+class BackupAborted(Exception):
+    """Raised on reading threads when the backup stops because of an error elsewhere."""
+
+
 class SourceReadError(Exception):
     """An OSError reading a source file, told apart from errors of the pipeline stages."""
 
@@ -174,6 +178,8 @@ class _Sealer:
     def check(self) -> None:
         if self.error is not None:
             raise self.error
+        if self.aborted:
+            raise BackupAborted("the backup stopped")
 
     def submit(self, batch: list[tuple[bytes, bytes]]) -> None:
         """Queue ``batch`` of (reserved id, chunk); blocks while too many batches wait."""
@@ -318,6 +324,8 @@ class _FileReader:
                     builder.add((bid, b - a))
                 if batch.full():
                     batch.flush()
+                elif self.sealer.aborted:
+                    raise BackupAborted(path)
                 size += len(data)
                 if progress:
                     progress(len(data), 0)
@@ -525,8 +533,11 @@ class _Walker:
         assert node.digest is not None
         self.file_stats.append((rel, (node.size, node.mtime_ns, st.st_ctime_ns, st.st_ino, node.digest)))
         self.flush_file_stats()
-        return replace(node, name=name, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                       links=links, xattrs=xattrs)
+        mode = stat.S_IMODE(st.st_mode)
+        if (node.name, node.mode, node.uid, node.gid, node.links, node.xattrs) == \
+                (name, mode, st.st_uid, st.st_gid, links, xattrs):
+            return node  # an unchanged file reuses its parent node as is (replace() is slow)
+        return replace(node, name=name, mode=mode, uid=st.st_uid, gid=st.st_gid, links=links, xattrs=xattrs)
 
     def reuse(self, rel: bytes, st: os.stat_result, parent: Node | None) -> Node | None:
         if self.opts.full or parent is None or parent.type != FILE or parent.digest is None:
@@ -553,6 +564,7 @@ def _walk_tree(repo: Repository, opts: BackupOptions, root: str) -> tuple[bytes,
         tree = walker.dir_tree(root, b"", opts.parent.tree if opts.parent else None)
         walker.batch.flush()
     except BaseException:
+        sealer.aborted = True  # reading threads stop at their next block
         walker.batch.release()
         if readers is not None:
             readers.shutdown(wait=True, cancel_futures=True)

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import stat
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,17 +134,46 @@ def refuse_message(target: str, count: int) -> str:
 
 @dataclass(eq=False)
 class _OpenFile:
-    """A file being restored: written by worker threads, hashed in order here."""
+    """A file being restored: created and written by worker threads, hashed in order here.
+
+    The file is created by the first thread that needs it (a worker writing its first
+    chunk, or this thread for an empty file or a hard link to it), so that creating many
+    small files overlaps when creation is slow (a busy journal, a network file system).
+    """
 
     dest: str
     path: bytes
     node: Node
-    fd: int
     hasher: blake3.blake3
+    fd: int = -1
+    created: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
     placed: int = 0  # chunk placements planned
     done: int = 0  # chunk placements written and hashed
     size: int = 0  # bytes hashed
     planned: bool = False  # every chunk of the file is placed
+
+    def descriptor(self) -> int:
+        """The open descriptor, creating the file on first use."""
+        with self.lock:
+            if self.fd < 0:
+                if self.created:
+                    raise AssertionError(f"{self.dest} was closed before all its chunks were written")
+                self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self.created = True
+            return self.fd
+
+    def ensure_created(self) -> None:
+        with self.lock:
+            if not self.created:
+                self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self.created = True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
 
 
 @dataclass(eq=False)
@@ -176,7 +206,7 @@ class _Writer:
         self.pool = pool
         self.fsync_files = fsync_files
         self.result = RestoreResult()
-        self.links: dict[int, str] = {}
+        self.links: dict[int, _OpenFile] = {}
         self.dirs: list[tuple[str, Node]] = []
         self.open: set[_OpenFile] = set()
         self.current: _Range | None = None
@@ -203,13 +233,18 @@ class _Writer:
                 self.result.dirs += 1
 
     def _write_entries(self, snap: Snapshot, staging: str) -> None:
+        made = {staging}
         for path, node in selected_entries(self.repo, snap, self.opts.includes):
             dest = os.path.join(staging, os.fsdecode(path))
             if node.type == DIR:
                 os.makedirs(dest, mode=0o700, exist_ok=True)
+                made.add(dest)
                 self.dirs.append((dest, node))
                 continue
-            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+            parent = os.path.dirname(dest)
+            if parent not in made:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+                made.add(parent)
             if node.type == SYMLINK:
                 assert node.target is not None
                 os.symlink(node.target, dest)
@@ -224,7 +259,7 @@ class _Writer:
         self.inflight.clear()
         for f in self.open:
             with contextlib.suppress(OSError):
-                os.close(f.fd)
+                f.close()
         self.open.clear()
 
     def prune_empty_dirs(self, staging: str) -> None:
@@ -236,17 +271,18 @@ class _Writer:
 
     def write_file(self, dest: str, path: bytes, node: Node) -> None:
         if node.links is not None and node.links in self.links:
-            os.link(self.links[node.links], dest)
+            first = self.links[node.links]
+            first.ensure_created()
+            os.link(first.dest, dest)
             return
         while len(self.open) >= MAX_OPEN_FILES:
             if not self.inflight:
                 self._flush_range()
             self._consume_one()
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        f = _OpenFile(dest, path, node, fd, self.repo.keys.hasher())
+        f = _OpenFile(dest, path, node, self.repo.keys.hasher())
         self.open.add(f)
         if node.links is not None:
-            self.links[node.links] = dest
+            self.links[node.links] = f
         offset = 0
         batch: list[Ref] = []
         for ref in chunk_refs(self.repo, node):
@@ -327,14 +363,14 @@ class _Writer:
         run_start = run_end = 0
         for idx, f, offset in r.places:
             if run and (f is not run_file or offset != run_end or len(run) >= IOV_MAX):
-                _pwritev_all(run_file.fd, run, run_start)  # type: ignore[union-attr]
+                _pwritev_all(run_file.descriptor(), run, run_start)  # type: ignore[union-attr]
                 run = []
             if not run:
                 run_file, run_start, run_end = f, offset, offset
             run.append(plains[idx])
             run_end += len(plains[idx])
         if run:
-            _pwritev_all(run_file.fd, run, run_start)  # type: ignore[union-attr]
+            _pwritev_all(run_file.descriptor(), run, run_start)  # type: ignore[union-attr]
         return plains
 
     # --- taking results back in order --------------------------------------------------------
@@ -358,10 +394,11 @@ class _Writer:
     def _finish(self, f: _OpenFile) -> None:
         self.open.discard(f)
         try:
+            f.ensure_created()  # an empty file has no chunk to create it
             if self.fsync_files:
                 os.fsync(f.fd)
         finally:
-            os.close(f.fd)
+            f.close()
         if f.size != f.node.size or f.hasher.digest() != f.node.digest:
             raise IntegrityError(f"restored file {os.fsdecode(f.path)} does not match its recorded digest: "
                                  "the backup is damaged, run 'kyrorepo verify --full-scan'")
