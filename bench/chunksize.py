@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 
-from bench.phases import Sequence, prepare, stderr_log
+from bench.phases import Sequence, cleanup, prepare, stderr_log
 from bench.tools import Kyrorepo, Tool
 
 
@@ -47,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
                                                     if incr else "- | - | ")
               + f"{max(first.maxrss_mib, incr.maxrss_mib if incr else 0):.0f} |")
     if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        cleanup(tools, work, created_work=not args.work)
     return 0

@@ -9,7 +9,7 @@ import platform
 import shutil
 import tempfile
 
-from bench.phases import PHASES, Sequence, prepare, stderr_log
+from bench.phases import PHASES, Sequence, cleanup, prepare, stderr_log
 from bench.report import (
     median_results,
     ratio_table,
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify-restore", action="store_true", help="Do not compare restored trees with the data.")
     p.add_argument("--kyrorepo-init", default="", help="Extra 'kyrorepo init' arguments, e.g. '--chunk-size 32K'.")
     p.add_argument("--json-out", help="Write every run's raw results to this JSON file.")
-    p.add_argument("--keep", action="store_true", help="Keep the work directory.")
+    p.add_argument("--keep", action="store_true", help="Keep the work directory (it is deleted after the last run).")
 
 
 def make_tools(names: list[str], home: str, kyrorepo_init: str = "") -> list[Tool]:
@@ -54,20 +54,27 @@ def machine() -> str:
 
 def run(args: argparse.Namespace) -> int:
     work = args.work or tempfile.mkdtemp(prefix="kyrorepo-bench-")
+    used: list[tuple[list[Tool], str]] = []
     phases = tuple(p for p in args.phases.split(",") if p)
     runs = []
     tools: list[Tool] = []
+    names = [t for t in args.tools.split(",") if t]
     for i in range(args.repeat):
         home = os.path.join(work, f"run{i + 1}")
-        tools = make_tools([t for t in args.tools.split(",") if t], home, args.kyrorepo_init)
+        tools = make_tools(names, home, args.kyrorepo_init)
+        used.append((tools, home))
         if not tools:
             raise SystemExit("no tool to run")
-        stderr_log(f"run {i + 1}/{args.repeat} in {home}")
-        data, mutator = prepare(tools, args.data, home, args.mutate_cmd, stderr_log)
-        seq = Sequence(tools, data, home, args.drop_caches, not args.no_verify_restore)
+        turn = tools[i % len(tools):] + tools[:i % len(tools)]  # rotate who goes first
+        stderr_log(f"run {i + 1}/{args.repeat} in {home}: {', '.join(t.name for t in turn)}")
+        data, mutator = prepare(turn, args.data, home, args.mutate_cmd, stderr_log)
+        seq = Sequence(turn, data, home, args.drop_caches, not args.no_verify_restore)
         runs.append(seq.run(mutator, phases))
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
+    if not args.keep:
+        for run_tools, home in used:
+            cleanup(run_tools, home, created_work=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     results = median_results(runs)
     print(f"machine: {machine()}")
     print("tools: " + "; ".join(t.version() for t in tools))

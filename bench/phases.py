@@ -2,7 +2,8 @@
 
 Tools take turns within each phase, on the same copy of the data, so that every tool
 sees the same bytes and the same machine state (a noisy neighbour hurts all of them in
-the same phase). Between measured commands dirty pages are flushed (``settle``).
+the same phase); with ``--repeat`` the order rotates from run to run. Between measured
+commands dirty pages are flushed (``settle``); nothing is deleted until a run is over.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ class Sequence:
                 diff = same_tree(self.data, t.restored_root(target, self.data))
                 r.note = "restored copy identical" if diff is None else f"RESTORED COPY DIFFERS: {diff}"
                 self.log(f"  {t.name:9s} {r.note}")
-            shutil.rmtree(target, ignore_errors=True)
+            # Restored trees stay until the run is over: deleting thousands of files just
+            # before the next tool's restore bills it for the file system's clean-up (on
+            # ext4 with online discard, block allocation stalls behind freed blocks).
             settle(self.drop_caches)
             out.append(r)
         return out
@@ -135,6 +138,16 @@ class Sequence:
             self.log("full data check")
             results += self.checks()
         return results
+
+
+def cleanup(tools: list[Tool], work: str, created_work: bool) -> None:
+    """Remove what the bench created: the tools' homes, the data copy, restored trees."""
+    for t in tools:
+        shutil.rmtree(t.home, ignore_errors=True)
+        shutil.rmtree(os.path.join(work, f"restore-{t.name}"), ignore_errors=True)
+    shutil.rmtree(os.path.join(work, "data"), ignore_errors=True)
+    if created_work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def prepare(tools: list[Tool], src: str, work: str, mutate_cmd: str | None, log: Log) -> tuple[str, Mutator | None]:

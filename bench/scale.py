@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 
-from bench.phases import PHASE_TITLES, Sequence, prepare, stderr_log
+from bench.phases import PHASE_TITLES, Sequence, cleanup, prepare, stderr_log
 from bench.prefill import prefill
 from bench.tools import PASSWORD, Kyrorepo, Tool
 
@@ -53,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {size_bytes / GIB:.1f} GiB | {blobs} | {PHASE_TITLES[r.phase]} | {r.wall:.2f} | {r.mb_s:.0f} | "
                   f"{r.cpu:.2f} | {r.maxrss_mib:.0f} | {r.maxanon_mib:.0f} |")
     if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        cleanup(tools, work, created_work=not args.work)
     return 0
