@@ -18,6 +18,12 @@ COMP_ZSTD = 1
 MAX_BLOB = 64 * 1024 * 1024
 
 
+def codec_for(backend: object, keys: BlobKeys, level: int) -> "BlobCodec":
+    """The codec of a repository opened on ``backend``: what ``Repository`` uses, and what a
+    worker process that reopened the backend itself must use to open the same blobs."""
+    return BlobCodec(keys, level)
+
+
 class BlobCodec:
     def __init__(self, keys: BlobKeys, level: int = 3) -> None:
         self.keys = keys

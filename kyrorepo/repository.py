@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import lmdb
 
 from kyrorepo.backends.base import Backend
-from kyrorepo.blob import BlobCodec
+from kyrorepo.blob import BlobCodec, codec_for
 from kyrorepo.chunker import DEFAULT_AVG, Chunker, ChunkerParams
 from kyrorepo.crypto import BlobKeys, MasterKey
 from kyrorepo.errors import (
@@ -99,7 +99,7 @@ class Repository:
         self.master = master
         self.config = config
         self.keys: BlobKeys = master.keys()
-        self.codec = BlobCodec(self.keys, config.compression_level)
+        self.codec = codec_for(backend, self.keys, config.compression_level)
         self.chunker = Chunker(ChunkerParams.for_average(config.chunker_avg, self.keys.chunker_seed))
         self.cache_root = cache_root
         self.cache: IndexCache = open_cache(cache_root, config.repo_id)
