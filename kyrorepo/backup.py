@@ -41,6 +41,7 @@ from kyrorepo.blob import BlobCodec
 from kyrorepo.chunker import Readable
 from kyrorepo.errors import NotFoundError, UsageError
 from kyrorepo.format import BlobType
+from kyrorepo.dictionary import ensure_dictionary
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, save_snapshot
 from kyrorepo.tree import (
@@ -591,6 +592,7 @@ def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
     started = time.time()
     repo.sync_index()
     release_index_pages(repo.cache)
+    ensure_dictionary(repo, root)
     before = (repo.writer.stats.raw_bytes_added, repo.writer.stats.stored_bytes_added)
     with repo.writer.background_uploads():
         tree, walker = _walk_tree(repo, opts, root)

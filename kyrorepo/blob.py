@@ -1,6 +1,11 @@
 """Blob codec: compress (zstd, stored raw when it does not shrink), then seal.
 
-Sealed plaintext layout: compression u8 (0 = raw, 1 = zstd frame) | payload.
+Sealed plaintext layout (docs/format.md, "Sealed blob"): compression u8 | payload, where
+compression is 0 = raw, 1 = one zstd frame, 2 = dictionary id (32 bytes) then one zstd
+frame made with that repository dictionary (``dicts/<id>``). Only DATA blobs use a
+dictionary: file chunks are small (~39 KiB at the default chunk size) and a dictionary
+trained on the repository's own data gives zstd the context a small chunk lacks
+(docs/performance.md, "Compression dictionary").
 """
 
 from __future__ import annotations
@@ -10,24 +15,86 @@ import threading
 import zstandard
 
 from kyrorepo.crypto import BlobKeys
-from kyrorepo.errors import IntegrityError
-from kyrorepo.format import BlobType
+from kyrorepo.errors import IntegrityError, ObjectNotFoundError
+from kyrorepo.format import BlobType, file_header, split_file
+from kyrorepo.ids import ID_LEN, is_full_hex
 
 COMP_RAW = 0
 COMP_ZSTD = 1
+COMP_ZSTD_DICT = 2
 MAX_BLOB = 64 * 1024 * 1024
+DICT_DIR = "dicts"
 
 
 def codec_for(backend: object, keys: BlobKeys, level: int) -> "BlobCodec":
     """The codec of a repository opened on ``backend``: what ``Repository`` uses, and what a
     worker process that reopened the backend itself must use to open the same blobs."""
-    return BlobCodec(keys, level)
+    return BlobCodec(keys, level, Dictionaries(backend, keys))
+
+
+class Dictionaries:
+    """A repository's zstd dictionaries (``dicts/<id>``): loaded when first needed, kept.
+
+    New DATA blobs use the dictionary with the lowest id (two first backups on different
+    hosts may each have trained one; every writer then settles on the same one). A blob
+    names its dictionary, so every dictionary ever used stays readable. Thread-safe.
+    """
+
+    def __init__(self, backend: object, keys: BlobKeys) -> None:
+        self._backend = backend
+        self._plain = BlobCodec(keys, 19)  # opens and seals the dictionary objects themselves
+        self._lock = threading.Lock()
+        self._data: dict[bytes, bytes] = {}
+        self._current: bytes | None = None
+        self._listed = False
+
+    def current(self) -> bytes | None:
+        """Id of the dictionary new DATA blobs use, or None when the repository has none."""
+        if not self._listed:
+            with self._lock:
+                if not self._listed:
+                    ids = [bytes.fromhex(h) for h in (n.rsplit("/", 1)[1] for n, _ in
+                                                      self._backend.list(DICT_DIR + "/"))  # type: ignore[attr-defined]
+                           if is_full_hex(h)]
+                    self._current = min(ids) if ids else None
+                    self._listed = True
+        return self._current
+
+    def data(self, did: bytes) -> bytes:
+        """The dictionary ``did``, loaded, opened and checked against its id on first use."""
+        raw = self._data.get(did)
+        if raw is not None:
+            return raw
+        path = f"{DICT_DIR}/{did.hex()}"
+        if self._backend is None:
+            raise IntegrityError(f"a blob needs dictionary {path}, which only a repository has")
+        try:
+            stored = self._backend.load(path)  # type: ignore[attr-defined]
+        except ObjectNotFoundError:
+            raise IntegrityError(f"dictionary {path} is missing: the chunks compressed with it cannot be "
+                                 "opened; copy it back from a related repository") from None
+        raw = self._plain.decode(BlobType.DICT, did, split_file(stored, BlobType.DICT, path), path)
+        with self._lock:
+            self._data[did] = raw
+        return raw
+
+    def add(self, raw: bytes) -> bytes:
+        """Store a new dictionary (durably, before any blob uses it); return its id."""
+        present = self.current()
+        did = self._plain.keys.blob_id(raw)
+        self._backend.save(f"{DICT_DIR}/{did.hex()}",  # type: ignore[attr-defined]
+                           file_header(BlobType.DICT) + self._plain.encode(BlobType.DICT, did, raw))
+        with self._lock:
+            self._data[did] = raw
+            self._current = did if present is None else min(did, present)
+        return did
 
 
 class BlobCodec:
-    def __init__(self, keys: BlobKeys, level: int = 3) -> None:
+    def __init__(self, keys: BlobKeys, level: int = 3, dicts: Dictionaries | None = None) -> None:
         self.keys = keys
         self.level = level
+        self.dicts = dicts
         self._local = threading.local()
 
     def _zc(self) -> zstandard.ZstdCompressor:
@@ -42,32 +109,74 @@ class BlobCodec:
             d = self._local.zd = zstandard.ZstdDecompressor()
         return d
 
+    def _dict_zc(self, did: bytes) -> zstandard.ZstdCompressor:
+        """This thread's compressor for dictionary ``did`` (zstd contexts are not shared)."""
+        cache = getattr(self._local, "dzc", None)
+        if cache is None:
+            cache = self._local.dzc = {}
+        c = cache.get(did)
+        if c is None:
+            assert self.dicts is not None
+            zdict = zstandard.ZstdCompressionDict(self.dicts.data(did), dict_type=zstandard.DICT_TYPE_FULLDICT)
+            zdict.precompute_compress(level=self.level)
+            c = cache[did] = zstandard.ZstdCompressor(level=self.level, dict_data=zdict, write_content_size=True,
+                                                      write_dict_id=False)
+        return c
+
+    def _dict_zd(self, did: bytes, what: str) -> zstandard.ZstdDecompressor:
+        cache = getattr(self._local, "dzd", None)
+        if cache is None:
+            cache = self._local.dzd = {}
+        d = cache.get(did)
+        if d is None:
+            if self.dicts is None:
+                raise IntegrityError(f"{what} was compressed with a dictionary, which only a repository has")
+            zdict = zstandard.ZstdCompressionDict(self.dicts.data(did), dict_type=zstandard.DICT_TYPE_FULLDICT)
+            d = cache[did] = zstandard.ZstdDecompressor(dict_data=zdict)
+        return d
+
     def encode(self, btype: BlobType, bid: bytes, data: bytes | memoryview) -> bytes:
         """Return the sealed blob for ``data`` (whose id ``bid`` the caller computed).
 
         zstd releases the GIL while it compresses, so several threads encode in parallel.
         """
-        packed = self._zc().compress(data) if self.level > 0 and len(data) else b""
-        if packed and len(packed) < len(data):
-            body = b"\x01" + packed
+        if self.level <= 0 or not len(data):
+            return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
+        did = self.dicts.current() if btype == BlobType.DATA and self.dicts is not None else None
+        if did is not None:
+            packed = self._dict_zc(did).compress(data)
+            if len(packed) + ID_LEN < len(data):
+                return self.keys.seal(btype, bid, b"".join((b"\x02", did, packed)))
         else:
-            body = b"".join((b"\x00", data))
-        return self.keys.seal(btype, bid, body)
+            packed = self._zc().compress(data)
+            if len(packed) < len(data):
+                return self.keys.seal(btype, bid, b"".join((b"\x01", packed)))
+        return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
 
     def decode(self, btype: BlobType, bid: bytes, sealed: bytes | memoryview, what: str, check_id: bool = True) -> bytes:
         """Open, decompress and (by default) re-hash a sealed blob."""
         body = self.keys.open(btype, bid, sealed, what)  # type: ignore[arg-type]  # open() slices a view as well
         if not body:
             raise IntegrityError(f"{what}: empty plaintext")
-        if body[0] == COMP_RAW:
+        kind = body[0]
+        if kind == COMP_RAW:
             data = body[1:]
-        elif body[0] == COMP_ZSTD:
-            try:
-                data = self._zd().decompress(memoryview(body)[1:], max_output_size=MAX_BLOB)
-            except zstandard.ZstdError as exc:
-                raise IntegrityError(f"{what}: compressed data is damaged ({exc})") from None
+        elif kind == COMP_ZSTD:
+            data = self._decompress(self._zd(), memoryview(body)[1:], what)
+        elif kind == COMP_ZSTD_DICT:
+            if len(body) < 1 + ID_LEN:
+                raise IntegrityError(f"{what}: dictionary-compressed body is truncated")
+            did = bytes(body[1:1 + ID_LEN])
+            data = self._decompress(self._dict_zd(did, what), memoryview(body)[1 + ID_LEN:], what)
         else:
-            raise IntegrityError(f"{what}: unknown compression type {body[0]}")
+            raise IntegrityError(f"{what}: unknown compression type {kind}")
         if check_id and self.keys.blob_id(data) != bid:
             raise IntegrityError(f"{what}: content does not match its id")
         return data
+
+    @staticmethod
+    def _decompress(zd: zstandard.ZstdDecompressor, frame: memoryview, what: str) -> bytes:
+        try:
+            return zd.decompress(frame, max_output_size=MAX_BLOB)  # type: ignore[no-any-return]
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{what}: compressed data is damaged ({exc})") from None

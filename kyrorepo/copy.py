@@ -150,7 +150,7 @@ def copy_snapshot(src: Repository, dest: Repository, snap: Snapshot, result: Cop
 
 def copy_objects(src: Repository, dest: Repository, btype: BlobType, names: Iterable[str],
                  blobs_of: Callable[[str], Iterable[tuple[bytes, BlobType]]], result: CopyResult) -> None:
-    """Copy standalone objects (e.g. WAL captures) and the blobs they reference."""
+    """Copy standalone objects (WAL captures, dictionaries) and the blobs they reference."""
     for obj in names:
         path = f"{OBJECT_DIRS[btype]}/{obj}"
         with contextlib.suppress(ObjectNotFoundError):

@@ -42,6 +42,7 @@ class BlobType(IntEnum):
     CONFIG = 7
     LOCK = 8
     WALCAP = 9
+    DICT = 10
 
 
 PACKED_TYPES = (BlobType.DATA, BlobType.TREE, BlobType.CONTENT)

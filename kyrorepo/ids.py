@@ -30,3 +30,8 @@ def from_hex(text: str) -> bytes:
 
 def is_hex_prefix(text: str) -> bool:
     return 0 < len(text) <= ID_LEN * 2 and all(c in "0123456789abcdef" for c in text)
+
+
+def is_full_hex(text: str) -> bool:
+    """Whether ``text`` is a whole id in lowercase hex (an object name)."""
+    return len(text) == ID_LEN * 2 and is_hex_prefix(text)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import lmdb
 
 from kyrorepo.backends.base import Backend
-from kyrorepo.blob import BlobCodec, codec_for
+from kyrorepo.blob import DICT_DIR, BlobCodec, codec_for
 from kyrorepo.chunker import DEFAULT_AVG, Chunker, ChunkerParams
 from kyrorepo.crypto import BlobKeys, MasterKey
 from kyrorepo.errors import (
@@ -49,9 +49,9 @@ from kyrorepo.tree import packb, unpackb
 from kyrorepo.writer import BlobWriter
 
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
-DEFAULT_COMPRESSION = 3
+DEFAULT_COMPRESSION = 2  # with a dictionary, level 2 stores less than level 3 without (docs/performance.md)
 CONFIG_ID = bytes(ID_LEN)
-OBJECT_DIRS = {BlobType.SNAPSHOT: "snapshots", BlobType.INDEX: "index", BlobType.WALCAP: "walcaps"}
+OBJECT_DIRS = {BlobType.SNAPSHOT: "snapshots", BlobType.INDEX: "index", BlobType.WALCAP: "walcaps", BlobType.DICT: DICT_DIR}
 
 
 @dataclass(frozen=True)

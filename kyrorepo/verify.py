@@ -49,6 +49,8 @@ from kyrorepo.verify_report import DamageLedger, VerifyReport
 from kyrorepo.verify_restore import RestoreDrill, restore_and_compare
 from kyrorepo.verify_structure import (
     check_cache,
+    check_dictionaries,
+    check_dictionaries,
     check_keys,
     check_presence,
     check_trailers,
@@ -120,6 +122,7 @@ class Verifier:
     def run(self) -> VerifyReport:
         t0 = time.monotonic()
         check_keys(self.repo, self.ledger)
+        check_dictionaries(self.repo, self.report.notices, self.ledger)
         list_packs(self.repo, self.work, self.report.notices)
         self.good_segments = load_segments(self.repo, self.work, self.ledger)
         check_presence(self.work, self.ledger)

@@ -52,6 +52,8 @@ def run_copy(ropts: RepoOptions, src_location: str, dest_location: str, backup_i
                 dest.sync_index()
                 result = CopyResult(created=created)
                 snaps = _choose(src, backup_ids, source)
+                # dictionaries first: the chunks that travel next may need them to open
+                copy_objects(src, dest, BlobType.DICT, src.object_names(BlobType.DICT), lambda n: (), result)
                 for snap in snaps:
                     copy_snapshot(src, dest, snap, result)
                 # The WAL captures of the copied sources travel too, so the copy keeps PITR.
