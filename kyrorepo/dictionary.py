@@ -12,14 +12,17 @@ spaced positions across the source's files (stratified by bytes, so big table fi
 weigh as much as they count), a dictionary is trained on most of them with fixed
 fastcover parameters (~50 ms), and kept only when it makes the held-out samples at least
 ``MIN_GAIN`` smaller. It is stored (``dicts/<id>``, sealed) before any blob uses it.
-Data that does not benefit (already compressed, random) gets no dictionary; the next
-backup tries again, for the cost of reading the samples.
+Data that does not benefit (already compressed, random) gets no dictionary; a backup of
+the same repository from this machine tries again after ``RETRY_AFTER`` (the time of the
+failed attempt is kept in the local cache), so that a repository of incompressible data
+does not pay for sampling on every backup.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 
 import zstandard
 
@@ -36,6 +39,7 @@ MIN_SAMPLE = 1024
 # ~50 ms for 2.5 MiB of samples, and measured within 0.5% of it on database pages
 FASTCOVER_K = 200
 FASTCOVER_D = 8
+RETRY_AFTER = 24 * 3600  # seconds between training attempts that found no gain
 
 
 def _files(root: str) -> list[tuple[str, int]]:
@@ -106,6 +110,28 @@ def train(samples: list[bytes], level: int) -> bytes | None:
     return zdict.as_bytes()  # type: ignore[no-any-return]
 
 
+def _attempt_marker(repo: Repository) -> str:
+    return os.path.join(repo.cache_root, repo.config.repo_id, "dictionary-attempt")
+
+
+def _recently_failed(repo: Repository) -> bool:
+    try:
+        return time.time() - os.stat(_attempt_marker(repo)).st_mtime < RETRY_AFTER
+    except OSError:
+        return False
+
+
+def _remember_failure(repo: Repository) -> None:
+    path = _attempt_marker(repo)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w"):
+            pass
+        os.utime(path)
+    except OSError:
+        pass  # only an optimisation: the next backup samples again
+
+
 def ensure_dictionary(repo: Repository, root: str) -> bytes | None:
     """Make sure ``repo`` has a dictionary, training one from ``root`` when it has none.
 
@@ -114,7 +140,13 @@ def ensure_dictionary(repo: Repository, root: str) -> bytes | None:
     if dicts is None or repo.config.compression_level <= 0:
         return None
     current = dicts.current()
-    if current is not None:
+    if current is not None or _recently_failed(repo):
         return current
-    raw = train(read_samples(root, repo.config.chunker_avg), repo.config.compression_level)
-    return dicts.add(raw) if raw is not None else None
+    samples = read_samples(root, repo.config.chunker_avg)
+    if not samples:
+        return None  # too little data to learn from yet: not a failed attempt
+    raw = train(samples, repo.config.compression_level)
+    if raw is None:
+        _remember_failure(repo)
+        return None
+    return dicts.add(raw)

@@ -132,6 +132,13 @@ def test_small_or_random_sources_get_no_dictionary(tmp_path):
     try:
         assert ensure_dictionary(repo, str(rnd)) is None
         assert repo.object_names(BlobType.DICT) == []
+        # the failed attempt is remembered: the next backups do not sample again for a day
+        write_pages(str(rnd / "t.dat"), 2048, 5)
+        assert ensure_dictionary(repo, str(rnd)) is None
+        marker = os.path.join(repo.cache_root, repo.config.repo_id, "dictionary-attempt")
+        os.utime(marker, (0, 0))  # a day later: the data, compressible now, gets its dictionary
+        assert ensure_dictionary(repo, str(rnd)) is not None
+        assert len(repo.object_names(BlobType.DICT)) == 1
     finally:
         repo.close()
 
