@@ -105,7 +105,7 @@ class AuditLog:
             with self.env.begin() as txn:
                 cur = txn.cursor(db=self.packs)
                 ok = cur.first() if last is None else cur.set_range(last)
-                batch = []
+                batch: list[bytes] = []
                 while ok and len(batch) < _BATCH:
                     key = bytes(cur.key())
                     if key != last:

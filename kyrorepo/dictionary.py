@@ -65,7 +65,7 @@ def _files(root: str) -> list[tuple[str, int]]:
     return out
 
 
-def read_samples(root: str, size: int, count: int = SAMPLES) -> list[bytes]:
+def read_samples(root: str, size: int, count: int = SAMPLES) -> list[bytes | bytearray | memoryview]:
     """``count`` samples of ``size`` bytes at evenly spaced positions across the files' bytes.
 
     Returns no samples when the files hold less than ``MIN_SOURCE_BYTES`` together."""
@@ -73,7 +73,7 @@ def read_samples(root: str, size: int, count: int = SAMPLES) -> list[bytes]:
     total = sum(n for _, n in files)
     if total < MIN_SOURCE_BYTES:
         return []
-    samples: list[bytes] = []
+    samples: list[bytes | bytearray | memoryview] = []
     fi, base = 0, 0  # file index, byte position where files[fi] starts
     for i in range(count):
         pos = (2 * i + 1) * total // (2 * count)
@@ -92,7 +92,7 @@ def read_samples(root: str, size: int, count: int = SAMPLES) -> list[bytes]:
     return samples
 
 
-def train(samples: list[bytes], level: int) -> bytes | None:
+def train(samples: list[bytes | bytearray | memoryview], level: int) -> bytes | None:
     """A dictionary trained on ``samples``, or None when it would not pay for itself."""
     if len(samples) < HELD_OUT * 2:
         return None

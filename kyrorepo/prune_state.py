@@ -82,7 +82,7 @@ class PruneState:
 class UsedAdder:
     """Puts ids into the ``used`` set in batched write transactions."""
 
-    def __init__(self, env: lmdb.Environment, db: object) -> None:
+    def __init__(self, env: lmdb.Environment, db: lmdb._Database) -> None:
         self.env = env
         self.db = db
         self.txn = env.begin(write=True, db=db)

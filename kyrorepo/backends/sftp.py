@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import logging
 import os
@@ -396,8 +397,8 @@ class SftpBackend:
             found = self._walk(sftp, base, prefix)
         yield from found
 
-    def _walk(self, sftp: paramiko.SFTPClient, start: str, prefix: str) -> list[tuple[str, int]]:
-        found: list[tuple[str, int]] = []
+    def _walk(self, sftp: paramiko.SFTPClient, start: str, prefix: str) -> "builtins.list[tuple[str, int]]":
+        found: builtins.list[tuple[str, int]] = []
         pending = [start]
         while pending:
             directory = pending.pop()

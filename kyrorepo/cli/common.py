@@ -122,14 +122,14 @@ def get_password(password_file: str | None, password_command: str | None, confir
     if not sys.stdin.isatty():
         raise UsageError("no passphrase: set KYROREPO_PASSWORD, KYROREPO_PASSWORD_FILE, --password-file "
                          "or --password-command (no terminal to ask on)")
-    pw = click.prompt("Repository passphrase", hide_input=True, err=True)
+    typed: str = click.prompt("Repository passphrase", hide_input=True, err=True)
     if confirm:
         again = click.prompt("Repeat passphrase", hide_input=True, err=True)
-        if again != pw:
+        if again != typed:
             raise UsageError("the passphrases do not match")
-    if not pw:
+    if not typed:
         raise UsageError("an empty passphrase is not allowed")
-    return pw.encode()
+    return typed.encode()
 
 
 def emit_json(obj: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+from typing import Any
 
 import click
 
@@ -75,7 +76,7 @@ def key_list(ropts: RepoOptions, as_json: bool) -> None:
     """List the key objects."""
     repo = ropts.open()
     try:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for key_id in repo.key_ids():
             info, _ = parse_key_file(repo.backend.load(f"keys/{key_id}"), key_id)
             rows.append({"id": key_id, "created": info.created, "host": info.host, "username": info.username,
@@ -97,8 +98,8 @@ def _new_password_source(new_password_file: str | None) -> bytes:
         if not pw:
             raise UsageError(f"new password file {new_password_file} is empty")
         return pw
-    pw = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
-    return pw.encode()
+    typed: str = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    return typed.encode()
 
 
 @key.command("add")

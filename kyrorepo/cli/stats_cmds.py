@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options
@@ -23,7 +25,7 @@ def stats(ropts: RepoOptions, prometheus: bool, as_json: bool) -> None:
         click.echo(m.render(), nl=False)
         return
     sources = sorted({labels for labels in m.values.get("backup_total", {})})
-    per_source = []
+    per_source: list[dict[str, Any]] = []
     for labels in sources:
         def g(name: str) -> float:
             return m.values.get(name, {}).get(labels, 0)
@@ -33,7 +35,7 @@ def stats(ropts: RepoOptions, prometheus: bool, as_json: bool) -> None:
             "latest_logical_bytes": int(g("backup_size_bytes")), "latest_added_bytes": int(g("backup_added_bytes")),
             "latest_duration_seconds": g("backup_duration_seconds"), "latest_files": int(g("backup_files")),
         })
-    total = {"backups": int(m.get("repository_backups") or 0), "packs": int(m.get("repository_packs") or 0),
+    total: dict[str, Any] = {"backups": int(m.get("repository_backups") or 0), "packs": int(m.get("repository_packs") or 0),
              "stored_bytes": int(m.get("repository_stored_bytes") or 0), "sources": per_source}
     if as_json:
         emit_json(total)
