@@ -8,11 +8,12 @@
    make it unreachable (``PitrUnreachableError``, exit 14) unless ``allow_gap``, which
    restores up to the last second before the gap and says so. A ``T`` before the oldest
    usable base or after the newest backup or capture is unreachable too.
-3. The base is restored into a staging directory beside the target (``run_restore``:
+3. The base is written into a staging directory beside the target (``write_snapshot``:
    every file verified), its segments are replaced by the chain's versions (verified
    against their digests), each cut at ``T`` in replay order; after a segment that was
    cut short, later ones are dropped. Metadata is rewritten by ``codec.fix_metadata``.
-4. Everything fsynced, the staging directory is swapped in (as ``restore`` does).
+4. Everything made durable, the staging directory is swapped in (``staged_restore``,
+   as ``restore`` does).
 """
 
 from __future__ import annotations
@@ -20,28 +21,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets
-import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
-from kyrorepo.backends.local import fsync_dir
 from kyrorepo.backup import default_source
 from kyrorepo.errors import IntegrityError, NotFoundError, PitrUnreachableError, RefusedError, UsageError
 from kyrorepo.repository import Repository
-from kyrorepo.restore import (
-    STAGING_TAG,
-    RestoreOptions,
-    _swap_dir,
-    _swap_entries,
-    clean_stale_staging,
-    existing_files,
-    is_nonempty,
-    refuse_message,
-    run_restore,
-)
+from kyrorepo.restore import RestoreOptions, existing_files, is_nonempty, refuse_message, write_snapshot
 from kyrorepo.snapshot import Snapshot, iso_time, list_snapshots
+from kyrorepo.staging import staged_restore
 from kyrorepo.tree import FILE, Node
 from kyrorepo.wal import ChronicleCodec, CutPoint, WalCodec
 from kyrorepo.wal.capture import BackupWal, Capture, ContentRef, present_of
@@ -400,32 +389,17 @@ def run_pitr(repo: Repository, opts: PitrOptions) -> PitrResult:
         return result
     if result.refused:
         raise RefusedError(refuse_message(target, len(existing)))
-    parent, name = os.path.split(target)
-    if not os.path.isdir(parent):
-        raise UsageError(f"parent directory {parent} of the restore target does not exist: create it first")
-    clean_stale_staging(target)
-    in_place = os.path.isdir(target) and os.path.ismount(target)
-    token = secrets.token_hex(4)
-    staging = os.path.join(target, STAGING_TAG + token) if in_place else \
-        os.path.join(parent, f".{name}{STAGING_TAG}{token}")
-    os.mkdir(staging, 0o700)
-    try:
-        run_restore(repo, base.snapshot, RestoreOptions(target=staging, allow_clear=True))
+
+    def fill(staging: str) -> None:
+        write_snapshot(repo, base.snapshot, staging, RestoreOptions(target=staging))
         for rel in base.files:
             if tl.codec.is_segment(rel):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(staging, *rel.split("/")))
         result.segments = place_segments(repo, tl, chain, t, staging, _segment_mode(tl, base))
         result.metadata = _fix_metadata(tl, base, result.segments, t, staging)
-        for dirpath, _, _ in os.walk(staging):
-            fsync_dir(dirpath)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if in_place:
-        _swap_entries(target, staging, token)
-    else:
-        _swap_dir(target, staging, parent, name, token)
+
+    staged_restore(target, fill)
     return result
 
 

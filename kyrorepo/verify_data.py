@@ -2,9 +2,10 @@
 
 ``scan_pack`` reads a pack and checks it against its name (unkeyed BLAKE3), its trailer,
 and every indexed blob in it (opened, decompressed, re-hashed); packs are read by a
-small thread pool with a bounded number in flight (``bounded_map``). Which packs: all of
-them (``--full-scan``, resumable through the audit log), the least recently checked N%,
-or group n of m (``--read-data-subset``). ``coverage`` says how much of the scope the
+small pool of worker processes (``kyrorepo.verify_pack``; threads where the backend cannot
+be reopened in another process) with a bounded number in flight. Which packs: all of them
+(``--full-scan``, resumable through the audit log), the least recently checked N%, or
+group n of m (``--read-data-subset``). ``coverage`` says how much of the scope the
 audit log has seen read. See docs/integrity.md, "Audit log, coverage and resuming".
 """
 
@@ -21,15 +22,16 @@ from kyrorepo.audit_log import AuditLog, DamageNote, PackRecord, ScanRun
 from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError, UsageError
 from kyrorepo.format import PackEntry
 from kyrorepo.ids import ID_LEN
-from kyrorepo.pack import pack_id_of, pack_name, parse_pack
+from kyrorepo.pack import pack_name
+from kyrorepo.procpool import open_runner, ordered_map
 from kyrorepo.repository import Repository
 from kyrorepo.verify_index import SCAN_BATCH, WorkIndex
-from kyrorepo.verify_report import Coverage, reason_of
+from kyrorepo.verify_pack import PackFindings, PackJob, scan_pack
+from kyrorepo.verify_report import Coverage
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-PackJob = tuple[bytes, int, tuple[PackEntry, ...]]  # (pack id, size, the indexed blobs in it)
 
 
 # --- which packs --------------------------------------------------------------------------
@@ -163,49 +165,30 @@ class PackResult:
     blobs_ok: int = 0
     bytes_read: int = 0
     notes: list[DamageNote] = field(default_factory=list)
-    trailer: frozenset[PackEntry] | None = None
+    trailer: frozenset[PackEntry] | None = None  # the indexed blobs the trailer lists (None: unreadable)
     notice: str = ""
 
 
-def scan_pack(repo: Repository, pack_id: bytes, size: int, entries: tuple[PackEntry, ...]) -> PackResult:
-    """Read a whole pack: check it against its name, its trailer, and every blob in ``entries``."""
-    name = pack_name(pack_id)
-    obj = f"pack {name}"
-    res = PackResult(pack_id)
-    try:
-        data = repo.backend.load(name)
-    except ObjectNotFoundError:
-        res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
-        return res
-    res.bytes_read = len(data)
-    if len(data) != size:
-        res.notes.append((b"", obj, f"has {len(data)} bytes, {size} were listed"))
-    try:
-        res.trailer = frozenset(parse_pack(repo.codec, data, name))
-    except IntegrityError as exc:
-        res.notes.append((b"", obj, f"trailer is damaged ({reason_of(exc, name)})"))
-    for e in entries:
-        what = f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
-        try:
-            repo.codec.decode(e.type, e.id, data[e.offset:e.offset + e.length], what)
-            res.blobs_ok += 1
-        except IntegrityError as exc:
-            res.notes.append((e.id, what, reason_of(exc, what)))
-    if pack_id_of(data) != pack_id and not res.notes:  # else the damage found explains it
-        if res.trailer is not None and not res.trailer <= set(entries):
-            res.notice = (f"{obj} does not match its name, but its damaged blobs are no longer indexed "
-                          "('repair snapshots' dropped them): prune will remove it")
-        else:
-            res.notes.append((b"", obj, "content does not match its name, though every indexed blob in it "
-                              "is intact: copy the pack from a copy of the repository"))
-    return res
+def pack_result(job: PackJob, found: PackFindings) -> PackResult:
+    """A worker's findings as a result; the trailer is what the index claims minus what it lacks."""
+    trailer = None if found.unlisted is None else frozenset(job.entries).difference(found.unlisted)
+    return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice)
 
 
-def scan_packs(repo: Repository, pool: ThreadPoolExecutor, jobs: Iterable[PackJob],
+def scan_packs(repo: Repository, pool: ThreadPoolExecutor, jobs: Iterable[tuple[bytes, int, tuple[PackEntry, ...]]],
                window: int) -> Iterator[PackResult]:
-    """``scan_pack`` each job in ``pool``, results in order, at most ``window`` packs in flight."""
-    for _, res in bounded_map(pool, lambda job: scan_pack(repo, *job), jobs, window):
-        yield res
+    """``scan_pack`` each (pack id, size, indexed blobs) job, results in order.
+
+    Worker processes check the packs when the backend can be reopened in them (``window``
+    is twice the verify workers: one process per worker, at most one per CPU), else the
+    threads of ``pool``; either way only the findings come back to this process.
+    """
+    runner = open_runner(repo, max(1, window // 2), pool)
+    try:
+        for job, found in ordered_map(runner, scan_pack, (PackJob(*j) for j in jobs)):
+            yield pack_result(job, found)
+    finally:
+        runner.close()
 
 
 def read_trailer(repo: Repository, pack_id: bytes, size: int) -> tuple[PackEntry, ...] | KyroError:

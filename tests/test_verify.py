@@ -342,7 +342,8 @@ def test_group_subsets_cover_everything(env: Env) -> None:
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
-    real = verify_mod.scan_pack
+    """Ctrl-C as the result of pack ``count + 1`` comes back (packs are checked in worker processes)."""
+    real = verify_mod.pack_result
     calls = {"n": 0}
 
     def stopping(*args):  # type: ignore[no-untyped-def]
@@ -351,7 +352,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(verify_mod, "scan_pack", stopping)
+    monkeypatch.setattr(verify_mod, "pack_result", stopping)
 
 
 def test_interrupted_full_scan_resumes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

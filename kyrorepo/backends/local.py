@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from dataclasses import dataclass
 from typing import Iterator
 
 from kyrorepo.backends.base import validate_name, validate_prefix
@@ -36,9 +37,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class LocalSpec:
+    """How a worker process reopens a local repository: its root (picklable, no open state)."""
+
+    root: str
+
+    def open(self) -> "LocalBackend":
+        return LocalBackend(self.root)
+
+
 class LocalBackend:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+
+    def reopen_spec(self) -> LocalSpec:
+        """What another process needs to open this backend itself (kyrorepo.procpool)."""
+        return LocalSpec(self.root)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, *validate_name(name).split("/"))

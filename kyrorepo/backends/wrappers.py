@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
 
 from kyrorepo.backends.base import Backend, validate_name
 from kyrorepo.errors import TransientBackendError, UsageError
@@ -17,6 +18,19 @@ from kyrorepo.errors import TransientBackendError, UsageError
 T = TypeVar("T")
 RetryHook = Callable[[str, TransientBackendError, int, float], None]
 FaultPredicate = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    """How a worker process reopens a ``RetryBackend``: the inner backend's spec and the policy."""
+
+    inner: Any  # the inner backend's reopen spec (an object with ``open()``)
+    attempts: int
+    base_delay: float
+    max_delay: float
+
+    def open(self) -> "RetryBackend":
+        return RetryBackend(self.inner.open(), self.attempts, self.base_delay, self.max_delay)
 
 
 class RetryBackend:
@@ -51,6 +65,13 @@ class RetryBackend:
         self._on_retry = on_retry
         self._lock = threading.Lock()
         self.retries = 0  # total retries made, for statistics
+
+    def reopen_spec(self) -> RetrySpec | None:
+        """The spec another process reopens this backend from, or None when the inner one has none
+        (network backends: their workers stay threads, the network is the bound)."""
+        inner = getattr(self.inner, "reopen_spec", None)
+        spec = inner() if inner is not None else None
+        return None if spec is None else RetrySpec(spec, self.attempts, self.base_delay, self.max_delay)
 
     def delay(self, retry: int) -> float:
         """The pause before retry number ``retry`` (1-based), with jitter."""

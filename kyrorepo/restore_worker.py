@@ -1,0 +1,202 @@
+"""Restore's tasks, run in worker processes (kyrorepo.procpool) or, as a fallback, threads.
+
+``write_range`` loads one pack range, opens and re-hashes every blob in it, and writes
+the plaintext at its file offsets (``pwritev`` of runs of consecutive chunks); a file
+whose every chunk lies in the range is checked against its digest right here, from the
+plaintext in memory. ``check_file`` hashes a file written by several ranges back from
+disk once its last chunk is in (the data is still in the page cache). Only byte counts and errors go back to the parent, never plaintext.
+Files are created by the first task that writes to them (``O_CREAT``), so creating many
+small files is spread over the workers; the parent creates only empty files and the
+first of a set of hard links.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kyrorepo.errors import IntegrityError, KyroError
+from kyrorepo.format import BlobType
+from kyrorepo.procpool import WorkerContext
+
+IOV_MAX = 512  # buffers per pwritev
+READ_BLOCK = 1024 * 1024  # bytes per read when a file is hashed back from disk
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """A restored file and what it must hash to: ``shown`` names it in messages."""
+
+    dest: str
+    shown: str
+    size: int
+    digest: bytes
+    fsync: bool  # no syncfs on this platform: the file is fsynced once it is checked
+
+
+@dataclass(frozen=True)
+class RangeTask:
+    """One read of a pack range and where its blobs go.
+
+    ``blobs``: (id, offset in the pack, sealed length), each once; ``places``: (blob
+    index, file index, file offset) in file order; ``files``: per file index its
+    destination, its name in messages, and its ``FileCheck`` when the range holds the
+    whole file (else None).
+    """
+
+    pack: str
+    start: int
+    end: int
+    blobs: tuple[tuple[bytes, int, int], ...]
+    places: tuple[tuple[int, int, int], ...]
+    files: tuple[tuple[str, str, FileCheck | None], ...]
+
+
+def mismatch(shown: str) -> IntegrityError:
+    return IntegrityError(f"restored file {shown} does not match its recorded digest: "
+                          "the backup is damaged, run 'kyrorepo verify --full-scan'")
+
+
+def write_failed(shown: str, exc: OSError) -> KyroError:
+    return KyroError(f"writing restored file {shown} failed ({exc.strerror or exc}): "
+                     "check the free space and permissions of the restore target")
+
+
+def write_range(ctx: WorkerContext, task: RangeTask) -> int:
+    """Load, open, check and write one range; return the plaintext bytes written."""
+    plains = _open_blobs(ctx, task)
+    fds: dict[int, int] = {}
+    try:
+        written = _write_places(task, plains, fds)
+        _check_whole_files(ctx, task, plains, fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def _open_blobs(ctx: WorkerContext, task: RangeTask) -> list[bytes]:
+    try:
+        data = ctx.backend.load(task.pack, task.start, task.end - task.start)
+    except KyroError as exc:
+        raise IntegrityError(f"pack {task.pack} cannot be read ({exc.message})") from None
+    if len(data) != task.end - task.start:
+        raise IntegrityError(f"pack {task.pack} is truncated")
+    view = memoryview(data)
+    decode = ctx.codec.decode
+    return [decode(BlobType.DATA, bid, view[off - task.start:off - task.start + ln],
+                   f"chunk {bid.hex()[:16]} in {task.pack}") for bid, off, ln in task.blobs]
+
+
+def _descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int:
+    fd = fds.get(fi)
+    if fd is None:
+        dest, shown, _ = task.files[fi]
+        try:
+            fd = fds[fi] = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise write_failed(shown, exc) from None
+    return fd
+
+
+def _write_places(task: RangeTask, plains: list[bytes], fds: dict[int, int]) -> int:
+    """``pwritev`` each run of chunks that are consecutive in one file."""
+    run: list[bytes] = []
+    run_file = run_start = run_end = written = 0
+    for bi, fi, offset in task.places:
+        if run and (fi != run_file or offset != run_end or len(run) >= IOV_MAX):
+            _pwritev_all(task, fds, run_file, run, run_start)
+            run = []
+        if not run:
+            run_file, run_start, run_end = fi, offset, offset
+        run.append(plains[bi])
+        run_end += len(plains[bi])
+        written += len(plains[bi])
+    if run:
+        _pwritev_all(task, fds, run_file, run, run_start)
+    return written
+
+
+def _pwritev_all(task: RangeTask, fds: dict[int, int], fi: int, bufs: list[bytes], offset: int) -> None:
+    """Write ``bufs`` back to back at ``offset``, one system call when the kernel takes it all.
+
+    Then start writing them back to disk (Linux ``sync_file_range``, not waiting): the
+    ``syncfs`` before the swap finds little left to write instead of the whole restore.
+    """
+    fd = _descriptor(task, fds, fi)
+    try:
+        n = os.pwritev(fd, bufs, offset)
+        total = sum(len(b) for b in bufs)
+        if n < total:
+            rest = memoryview(b"".join(bufs))[n:]
+            at = offset + n
+            while rest:
+                k = os.pwrite(fd, rest, at)
+                rest = rest[k:]
+                at += k
+        if _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(fd, offset, total, SYNC_FILE_RANGE_WRITE)
+    except OSError as exc:
+        raise write_failed(task.files[fi][1], exc) from None
+
+
+def _check_whole_files(ctx: WorkerContext, task: RangeTask, plains: list[bytes], fds: dict[int, int]) -> None:
+    """Check each file the range holds entirely against its digest, from the plaintext."""
+    hashers = {fi: ctx.keys.hasher() for fi, (_, _, check) in enumerate(task.files) if check is not None}
+    if not hashers:
+        return
+    sizes = dict.fromkeys(hashers, 0)
+    for bi, fi, _ in task.places:
+        h = hashers.get(fi)
+        if h is not None:
+            h.update(plains[bi])
+            sizes[fi] += len(plains[bi])
+    for fi, h in hashers.items():
+        check = task.files[fi][2]
+        assert check is not None
+        if sizes[fi] != check.size or h.digest() != check.digest:
+            raise mismatch(check.shown)
+        if check.fsync:
+            os.fsync(_descriptor(task, fds, fi))
+
+
+def check_file(ctx: WorkerContext, check: FileCheck) -> None:
+    """Hash a restored file back from disk and compare it with its recorded digest.
+
+    Read in ``READ_BLOCK`` pieces into one buffer, not mapped: a mapped file counts as the
+    worker's RSS, up to its whole size (BLAKE3 releases the GIL for large updates).
+    """
+    h = ctx.keys.hasher()
+    size = 0
+    buf = bytearray(READ_BLOCK)
+    view = memoryview(buf)
+    try:
+        with open(check.dest, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
+            if check.fsync:
+                os.fsync(f.fileno())
+    except OSError as exc:
+        raise KyroError(f"restored file {check.shown} cannot be read back ({exc.strerror or exc}): "
+                        "check the restore target") from None
+    if size != check.size or h.digest() != check.digest:
+        raise mismatch(check.shown)

@@ -1,0 +1,192 @@
+"""Restore and the full data check through worker processes (kyrorepo.procpool), end to end.
+
+A local repository is reopened in the worker processes; in-memory backends keep threads
+(tests/test_pipeline.py covers that path).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from kyrorepo.backends import LocalBackend, MemoryBackend
+from kyrorepo.crypto import MasterKey
+from kyrorepo.errors import IntegrityError, KyroError
+from kyrorepo.keys import KdfParams
+from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
+from kyrorepo.repository import Repository
+from kyrorepo.restore_worker import FileCheck, check_file
+from treeutil import snapshot_tree
+
+WORKER_MARK = "procpool import worker_main"
+
+
+def make_tree(root) -> None:
+    """Many small files, empty files, hard links, a mostly-zero file and files spanning many packs."""
+    rnd = __import__("random").Random(7)
+    for d in range(6):
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(60):
+            (sub / f"small{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 9000)))
+        (sub / "empty").write_bytes(b"")
+    (root / "big.bin").write_bytes(rnd.randbytes(6 * 1024 * 1024))
+    with open(root / "sparse.bin", "wb") as f:  # holes read back as zeros
+        f.write(b"head")
+        f.seek(3 * 1024 * 1024)
+        f.write(rnd.randbytes(100_000))
+        f.truncate(5 * 1024 * 1024)
+    (root / "same1.bin").write_bytes(b"x" * 300_000)  # deduplicated chunks within and across files
+    (root / "same2.bin").write_bytes(b"x" * 300_000)
+    os.link(root / "big.bin", root / "d0" / "big-link.bin")
+    os.link(root / "d1" / "empty", root / "d2" / "empty-link")
+    os.link(root / "d3" / "small5", root / "d4" / "small5-link")
+    os.symlink("big.bin", root / "link")
+    os.chmod(root / "d5" / "small1", 0o640)
+
+
+def our_workers(cache: str) -> list[int]:
+    """Worker processes started by commands of this test (they inherit its cache directory)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if WORKER_MARK.encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"KYROREPO_CACHE_DIR={cache}".encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def packs_of(repo: str) -> list[str]:
+    out = []
+    for d, _, fs in os.walk(os.path.join(repo, "data")):
+        out += [os.path.join(d, f) for f in fs]
+    return sorted(out, key=os.path.getsize)
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.fixture
+def backed_up(repo_cli, tmp_path):
+    data = tmp_path / "data"
+    make_tree(data)
+    repo_cli.run("backup", "--data-dir", str(data))
+    return repo_cli, data
+
+
+def test_restore_is_identical_through_worker_processes(backed_up, tmp_path):
+    cli, data = backed_up
+    out = tmp_path / "out"
+    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(out))
+    assert "every file verified" in r.stdout
+    assert snapshot_tree(str(out)) == snapshot_tree(str(data))
+    assert os.stat(out / "big.bin").st_ino == os.stat(out / "d0" / "big-link.bin").st_ino
+    assert os.stat(out / "d1" / "empty").st_ino == os.stat(out / "d2" / "empty-link").st_ino
+    assert not our_workers(cli.cache)
+
+
+def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):
+    cli, _ = backed_up
+    biggest = packs_of(cli.repo)[-1]
+    flip(biggest, os.path.getsize(biggest) // 2)  # inside a data blob of the largest file
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old content")
+    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear", expect=13)
+    assert "failed authentication" in r.stderr and os.path.basename(biggest) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(target) == ["old"] and (target / "old").read_text() == "old content"
+    assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]  # no staging directory left
+    assert not our_workers(cli.cache)
+
+
+def test_full_scan_finds_flipped_byte_in_workers(backed_up):
+    cli, _ = backed_up
+    assert cli.run("verify", "--full-scan").returncode == 0
+    pack = packs_of(cli.repo)[-1]
+    flip(pack, os.path.getsize(pack) // 3)
+    r = cli.run("verify", "--full-scan", expect=13)
+    assert os.path.basename(pack) in r.stdout + r.stderr
+    assert not our_workers(cli.cache)
+
+
+def test_interrupted_restore_stops_its_workers(repo_cli, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"f{i}").write_bytes(os.urandom(40 * 1024 * 1024))
+    repo_cli.run("backup", "--data-dir", str(data))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old content")
+    proc = repo_cli.popen("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear")
+    while proc.poll() is None:
+        if any(".kyrorepo-staging-" in e for e in os.listdir(tmp_path)) and our_workers(repo_cli.cache):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("restore finished before it could be interrupted")
+    assert proc.returncode == 130, err
+    assert os.listdir(target) == ["old"]
+    assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]
+    assert not our_workers(repo_cli.cache)
+
+
+def test_runner_choice_follows_the_backend(tmp_path):
+    fast = KdfParams(memory_kib=1024, iterations=1)
+    local = Repository.create(LocalBackend(str(tmp_path / "r")), b"pw", str(tmp_path / "c1"), kdf=fast)
+    memory = Repository.create(MemoryBackend(), b"pw", str(tmp_path / "c2"), kdf=fast)
+    runner = open_runner(local, 2)
+    try:
+        assert isinstance(runner, ProcPool)
+    finally:
+        runner.close()
+    runner = open_runner(memory, 2)
+    try:
+        assert isinstance(runner, ThreadRunner)
+    finally:
+        runner.close()
+    local.close()
+    memory.close()
+
+
+def test_worker_errors_come_back_as_errors(tmp_path):
+    keys = MasterKey.generate().keys()
+    pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), keys, 3), 1)
+    try:
+        missing = FileCheck(str(tmp_path / "nope"), "nope", 1, bytes(32), False)
+        pool.submit(check_file, missing)
+        with pytest.raises(KyroError, match="restored file nope cannot be read back"):
+            pool.wait()
+        (tmp_path / "f").write_bytes(b"abc")
+        pool.submit(check_file, FileCheck(str(tmp_path / "f"), "f", 3, bytes(32), False))
+        with pytest.raises(IntegrityError, match="restored file f does not match its recorded digest"):
+            pool.wait()
+        pool.submit(check_file, None)  # a bug in a task: its traceback is the cause
+        with pytest.raises(WorkerFailed, match="AttributeError") as info:
+            pool.wait()
+        assert "check_file" in str(info.value.__cause__)
+        good = FileCheck(str(tmp_path / "f"), "f", 3, keys.blob_id(b"abc"), False)
+        pool.submit(check_file, good)
+        assert pool.wait()[1] is None  # the worker lives on after errors
+        pool._workers[0].proc.kill()
+        with pytest.raises(KyroError, match="was killed by signal 9"):
+            pool.submit(check_file, good)
+            pool.wait()
+    finally:
+        pool.close()
