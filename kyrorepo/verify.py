@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kyrorepo.audit_log import AuditLog, PackRecord, ScanRun, open_audit_log
+from kyrorepo.procpool import Runner
 from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot
@@ -42,6 +43,7 @@ from kyrorepo.verify_data import (
     full_scan_run,
     resumable,
     scan_packs,
+    scan_runner,
     subset_packs,
 )
 from kyrorepo.verify_index import WorkIndex, union_entries
@@ -49,7 +51,6 @@ from kyrorepo.verify_report import DamageLedger, VerifyReport
 from kyrorepo.verify_restore import RestoreDrill, restore_and_compare
 from kyrorepo.verify_structure import (
     check_cache,
-    check_dictionaries,
     check_dictionaries,
     check_keys,
     check_presence,
@@ -103,6 +104,9 @@ class Verifier:
         self.audit: AuditLog | None = None
         self.pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="verify")
         self.window = 2 * opts.workers
+        self.runner: Runner | None = None
+        if self.opts.full_scan or self.opts.subset is not None:
+            self.runner = scan_runner(repo, self.pool, self.window)
         self.good_segments: list[str] = []
         self.snapshots: list[Snapshot] = []
         self.started_ns = time.time_ns()
@@ -114,6 +118,8 @@ class Verifier:
         self.close()
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.work.close()
         if self.audit is not None:
@@ -176,7 +182,8 @@ class Verifier:
             assert self.opts.subset is not None
             packs = subset_packs(self.audit, self.work, self.iter_scope(), self.opts.subset)
         jobs = ((pid, size, union_entries(self.work.listings(pid))) for pid, size in packs)
-        for res in scan_packs(self.repo, self.pool, jobs, self.window):
+        assert self.runner is not None
+        for res in scan_packs(self.runner, jobs):
             self.take(res)
         if run is not None:
             self.audit.finish_scan(run)

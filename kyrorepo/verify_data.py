@@ -23,7 +23,7 @@ from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError, Usag
 from kyrorepo.format import PackEntry
 from kyrorepo.ids import ID_LEN
 from kyrorepo.pack import pack_name
-from kyrorepo.procpool import open_runner, ordered_map
+from kyrorepo.procpool import Runner, open_runner, ordered_map
 from kyrorepo.repository import Repository
 from kyrorepo.verify_index import SCAN_BATCH, WorkIndex
 from kyrorepo.verify_pack import PackFindings, PackJob, scan_pack
@@ -175,20 +175,18 @@ def pack_result(job: PackJob, found: PackFindings) -> PackResult:
     return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice)
 
 
-def scan_packs(repo: Repository, pool: ThreadPoolExecutor, jobs: Iterable[tuple[bytes, int, tuple[PackEntry, ...]]],
-               window: int) -> Iterator[PackResult]:
-    """``scan_pack`` each (pack id, size, indexed blobs) job, results in order.
+def scan_runner(repo: Repository, pool: ThreadPoolExecutor, window: int) -> Runner:
+    """What checks the packs: worker processes when the backend can be reopened in them
+    (``window`` is twice the verify workers: one process per worker, at most one per CPU),
+    else the threads of ``pool``; either way only the findings come back to this process.
+    Made before the structure checks, so that the processes start while those run."""
+    return open_runner(repo, max(1, window // 2), pool)
 
-    Worker processes check the packs when the backend can be reopened in them (``window``
-    is twice the verify workers: one process per worker, at most one per CPU), else the
-    threads of ``pool``; either way only the findings come back to this process.
-    """
-    runner = open_runner(repo, max(1, window // 2), pool)
-    try:
-        for job, found in ordered_map(runner, scan_pack, (PackJob(*j) for j in jobs)):
-            yield pack_result(job, found)
-    finally:
-        runner.close()
+
+def scan_packs(runner: Runner, jobs: Iterable[tuple[bytes, int, tuple[PackEntry, ...]]]) -> Iterator[PackResult]:
+    """``scan_pack`` each (pack id, size, indexed blobs) job, results in order."""
+    for job, found in ordered_map(runner, scan_pack, (PackJob(*j) for j in jobs)):
+        yield pack_result(job, found)
 
 
 def read_trailer(repo: Repository, pack_id: bytes, size: int) -> tuple[PackEntry, ...] | KyroError:
