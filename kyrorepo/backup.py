@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, replace
 from kyrorepo import __version__
 from kyrorepo.blob import BlobCodec
 from kyrorepo.chunker import Readable
+from kyrorepo.dictionary import ensure_dictionary
 from kyrorepo.errors import NotFoundError, UsageError
 from kyrorepo.format import BlobType
-from kyrorepo.dictionary import ensure_dictionary
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, save_snapshot
 from kyrorepo.tree import (
@@ -53,7 +53,7 @@ from kyrorepo.tree import (
     decode_tree,
     encode_tree,
 )
-from kyrorepo.writer import BlobWriter, release_index_pages, tune_allocator
+from kyrorepo.writer import BlobWriter, release_index_pages
 
 BATCH_BYTES = 1024 * 1024
 MAX_BATCHES_AHEAD = 4
@@ -588,7 +588,6 @@ def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
         raise UsageError(f"data directory {root} is not a directory")
     if opts.workers < 1 or opts.readers < 0:
         raise UsageError(f"backup needs at least one sealing thread (workers={opts.workers}, readers={opts.readers})")
-    tune_allocator()
     started = time.time()
     repo.sync_index()
     release_index_pages(repo.cache)

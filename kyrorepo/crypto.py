@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import blake3
@@ -37,6 +38,43 @@ CTX_SEAL = "kyrorepo 2026-11 blob seal key"
 CTX_CHUNKER = "kyrorepo 2026-11 chunker gear seed"
 
 _AD = struct.Struct("<4sBB32s")
+SALT_BATCH = 256  # salts drawn from the OS at a time
+
+
+class _SaltSource(threading.local):
+    """Random salts drawn from ``os.urandom`` ``SALT_BATCH`` at a time, per thread.
+
+    ``os.urandom`` is a system call that releases the GIL: one per blob made every
+    sealing thread give the GIL up and wait for it again 27,000 times per GiB. The
+    salts are the same OS randomness, only fetched in batches. A process forked from
+    this one must never reuse its parent's salts (a repeated salt repeats a blob key
+    and nonce), so a fork in the child discards every batch drawn before it.
+    """
+
+    generation = 0  # bumped in a forked child
+
+    def __init__(self) -> None:
+        self.batch = b""
+        self.pos = 0
+        self.drawn_in = -1
+
+    def take(self) -> bytes:
+        if self.pos >= len(self.batch) or self.drawn_in != _SaltSource.generation:
+            self.batch = os.urandom(SALT_LEN * SALT_BATCH)
+            self.pos = 0
+            self.drawn_in = _SaltSource.generation
+        start = self.pos
+        self.pos = start + SALT_LEN
+        return self.batch[start:self.pos]
+
+
+def _forked() -> None:
+    _SaltSource.generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+_salts = _SaltSource()
 
 
 def associated_data(btype: BlobType, bid: bytes) -> bytes:
@@ -80,7 +118,7 @@ class BlobKeys:
 
     def seal(self, btype: BlobType, bid: bytes, plaintext: bytes, salt: bytes | None = None) -> bytes:
         """Seal ``plaintext``; ``salt`` is random unless given (golden vectors only)."""
-        salt = os.urandom(SALT_LEN) if salt is None else salt
+        salt = _salts.take() if salt is None else salt
         aead, nonce = self._aead(salt)
         return salt + aead.encrypt(nonce, plaintext, associated_data(btype, bid))
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import struct
+import sys
+from collections.abc import Callable
 
 LMDB_MAGIC = 0xBEEFC0DE
 _META = struct.Struct("<II16x4s92xQQ")  # magic, version, page size (free db pad), last page, txn id
@@ -35,3 +39,74 @@ def lmdb_file_intact(path: str) -> bool:
         if magic2 == LMDB_MAGIC and txnid2 > txnid:
             last = last2
     return size >= (last + 1) * psize
+
+
+_MADV_DONTNEED = 4  # Linux
+_madvise: Callable[..., int] | None = None
+
+
+def _libc_madvise() -> Callable[..., int] | None:
+    global _madvise
+    if _madvise is None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            _madvise = ctypes.CDLL(None).madvise
+    return _madvise
+
+
+def _mappings_of(target: str) -> list[tuple[int, int]]:
+    """Address ranges at which this process maps the file ``target`` (a real path)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return []
+    if target not in maps:
+        return []
+    out = []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+class MappedPages:
+    """Unmaps from this process the pages of one file that it touched through mmap.
+
+    The LMDB index is memory-mapped: a lookup reads a few B-tree pages, and the kernel
+    maps the page-cache pages around them too (about 150 KiB per random lookup in the
+    index of an 8 GiB repository), so RSS grew with the repository (1 GiB backed up
+    into a 32 GiB repository: RssFile 120 MiB, peak RSS 266 MiB). ``MADV_DONTNEED`` on a
+    read-only shared file mapping only drops the page table entries: the pages stay in
+    the page cache, the next access maps them again, LMDB's readers (and a write
+    transaction, which never writes through the map) see the same bytes.
+
+    ``release`` is called every few dozen lookups, so it must be cheap: the address
+    range is found once in /proc/self/maps, then only checked with a readlink of
+    /proc/self/map_files (is that exact range still a mapping of this file?) before
+    each use. Advising a stale range that now holds other memory would zero it; a
+    range that is no longer this file's mapping is looked up again. Linux only; a
+    no-op elsewhere or on any error.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.target = os.path.realpath(path)
+        self._ranges: list[tuple[int, int]] = []
+
+    def _still_mapped(self) -> bool:
+        try:
+            return bool(self._ranges) and all(
+                os.readlink(f"/proc/self/map_files/{start:x}-{end:x}") == self.target for start, end in self._ranges)
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        madvise = _libc_madvise()
+        if madvise is None:
+            return
+        if not self._still_mapped():
+            self._ranges = _mappings_of(self.target)
+        for start, end in self._ranges:
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import queue
 import sys
 import threading
@@ -37,9 +36,14 @@ from dataclasses import dataclass
 from kyrorepo.blob import BlobCodec
 from kyrorepo.format import BlobType, PackInfo
 from kyrorepo.index import IndexCache
-from kyrorepo.pack import PackBuilder
+from kyrorepo.pack import PackBuffers, PackBuilder
 
 INDEX_EVERY_PACKS = 8
+PACK_SLACK = 1024 * 1024  # room past the pack size for the blob that fills it, trailer and footer
+# Pack buffers in use at once with background uploads: the pack being filled and the one
+# being saved. A third would only let sealing run further ahead of a slow save, for 16
+# MiB more RSS (docs/performance.md, "Memory").
+PACK_BUFFERS = 2
 UPLOAD_QUEUE = 0  # full packs waiting for the upload thread, besides the one it is saving
 
 # glibc mallopt parameter (malloc.h) and the value set by ``tune_allocator``.
@@ -47,7 +51,9 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1024 * 1024
 ALLOCATOR_SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),)
 
-RELEASE_INDEX_EVERY = 512  # index lookups between unmapping the index pages they touched
+# Index lookups between unmapping the index pages they touched, for callers of
+# ``release_index_pages`` (restore); ``IndexCache.lookup_many`` now releases as it goes.
+RELEASE_INDEX_EVERY = 512
 
 SealedItem = tuple[bytes, bytes, int]  # (blob id, sealed blob, raw length)
 
@@ -56,13 +62,16 @@ def tune_allocator() -> None:
     """Have glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more on its own.
 
     By default glibc raises its mmap threshold to the largest block freed so far (up to
-    32 MiB), so after the first pack is saved, 16 MiB pack buffers and their copies come
-    from per-thread heaps that fragment and are not given back: a 1 GiB backup through
-    the CLI peaked at about 200 MiB RSS (215 in one run). With a fixed 1 MiB threshold
-    it peaks at about 155 MiB, for some 0.5M extra page faults per GiB (about 1 s of
-    system time) as every pack buffer is mapped afresh; one arena, or a 32 MiB
-    threshold, did not bound the peak (docs/performance.md, "Memory"). Process-wide
-    and idempotent. Does nothing without glibc's ``mallopt``.
+    32 MiB), so blocks of several MiB allocated and freed over and over (restore's
+    ranges; the backup's 16 MiB pack buffers, before they were reused mappings of their
+    own, ``pack.PackBuffers``) come from per-thread heaps that fragment and are not
+    given back: a 1 GiB backup through the CLI peaked at about 200 MiB RSS. A fixed
+    threshold bounds that, at the price of mapping and faulting in every such block
+    afresh. The backup no longer calls it: with its pack buffers reused, the threshold
+    only made its other large blocks (zstd's work space among them) fault in afresh,
+    88-112k page faults per 1 GiB backup instead of 29-38k, for the same peak RSS
+    (docs/performance.md, "Memory").
+    Process-wide and idempotent. Does nothing without glibc's ``mallopt``.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -72,37 +81,9 @@ def tune_allocator() -> None:
             mallopt(param, value)
 
 
-_MADV_DONTNEED = 4  # Linux
-
-
-def release_mapped_file(path: str) -> None:
-    """Unmap from this process the pages of ``path`` that it touched through mmap.
-
-    The LMDB index is memory-mapped: every lookup of a new chunk id reads a random leaf
-    page, and a touched page stays in the process's RSS, so RSS grew with the repository
-    (1 GiB backed up into a 32 GiB repository: RssFile 120 MiB, peak RSS 266 MiB).
-    ``MADV_DONTNEED`` on a read-only shared file mapping only drops the page table
-    entries: the pages stay in the page cache, the next access maps them again, LMDB's
-    readers see the same bytes. Linux only; a no-op elsewhere or on any error.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.readlines()
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].rstrip("\n") == target:
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
 def release_index_pages(cache: IndexCache) -> None:
-    release_mapped_file(os.path.join(cache.path, "data.mdb"))
+    """Drop the index pages this process mapped from its RSS (``IndexCache.release_pages``)."""
+    cache.release_pages()
 
 
 @dataclass
@@ -184,10 +165,10 @@ class BlobWriter:
         self._index_lock = threading.Lock()
         self._pending: dict[bytes, BlobType] = {}  # in a pack, not yet in the cache
         self._reserved: set[bytes] = set()  # promised by a caller, not yet in a pack
-        self._builder = PackBuilder(codec)
+        self._buffers = PackBuffers(pack_size + PACK_SLACK)
+        self._builder = PackBuilder(codec, self._buffers)
         self._unindexed: list[PackInfo] = []
         self._uploader: _Uploader | None = None
-        self._lookups = 0
         self.stats = WriteStats()
 
     # --- lookups ------------------------------------------------------------------------
@@ -208,10 +189,6 @@ class BlobWriter:
             local = [bid in self._pending or bid in self._reserved for bid in ids]
         ask = [bid for bid, hit in zip(ids, local) if not hit]
         indexed = {bid for bid, loc in self.cache.lookup_many(ask) if loc is not None} if ask else set()
-        self._lookups += len(ask)
-        if self._lookups >= RELEASE_INDEX_EVERY:
-            self._lookups = 0
-            release_index_pages(self.cache)  # keep RSS flat: each lookup maps an index page
         out: list[bool] = []
         with self._lock:
             for bid, hit in zip(ids, local):
@@ -246,6 +223,7 @@ class BlobWriter:
         if self.cache.has(bid):
             return False
         full = None
+        self._wait_for_buffer()
         with self._lock:
             if bid in self._pending or bid in self._reserved:
                 return False
@@ -256,27 +234,34 @@ class BlobWriter:
         return True
 
     def add_reserved(self, btype: BlobType, items: Sequence[SealedItem]) -> None:
-        """Append sealed blobs whose ids the caller reserved, under one lock acquisition."""
+        """Append sealed blobs whose ids the caller reserved, under one lock acquisition per pack.
+
+        A batch that fills the open pack hands it over before the rest goes on: with
+        background uploads that waits for the pack before it, so the rest lands in that
+        pack's buffer rather than in a third one. If this raises, the caller releases
+        the reservations of every item (those already appended are no longer reserved).
+        """
         if self._uploader is not None:
             self._uploader.check()
-        full: list[PackBuilder] = []
-        with self._lock:
-            for bid, sealed, raw_length in items:
-                self._reserved.discard(bid)
-                self._append(btype, bid, sealed, raw_length)
-                builder = self._take_full()
-                if builder is not None:
-                    full.append(builder)
-        self._hand_over_all(full)
+        pos = 0
+        while pos < len(items):
+            self._wait_for_buffer()
+            full = None
+            with self._lock:
+                while pos < len(items) and full is None:
+                    bid, sealed, raw_length = items[pos]
+                    pos += 1
+                    self._reserved.discard(bid)
+                    self._append(btype, bid, sealed, raw_length)
+                    full = self._take_full()
+            if full is not None:
+                self._hand_over(full)
 
-    def _hand_over_all(self, builders: list[PackBuilder]) -> None:
-        for i, builder in enumerate(builders):
-            try:
-                self._hand_over(builder)
-            except BaseException:
-                for rest in builders[i + 1:]:
-                    self._drop(rest)
-                raise
+    def _wait_for_buffer(self) -> None:
+        """With background uploads, wait (holding no lock) while ``PACK_BUFFERS`` packs hold a
+        buffer and the open pack has none yet; the pack being saved gives its buffer back."""
+        if self._uploader is not None:
+            self._buffers.wait_for_room(PACK_BUFFERS, lambda: self._builder.holds_buffer)
 
     def _append(self, btype: BlobType, bid: bytes, sealed: bytes, raw_length: int) -> None:
         """Add one blob to the open pack; the caller holds the lock."""
@@ -290,7 +275,7 @@ class BlobWriter:
         """Swap out the open pack when it reached its size; the caller holds the lock."""
         if self._builder.size < self.pack_size:
             return None
-        full, self._builder = self._builder, PackBuilder(self.codec)
+        full, self._builder = self._builder, PackBuilder(self.codec, self._buffers)
         return full
 
     # --- uploading ------------------------------------------------------------------------
@@ -303,20 +288,27 @@ class BlobWriter:
 
     def _drop(self, builder: PackBuilder) -> None:
         """Forget the blobs of a pack that will never be saved."""
+        builder.release()
         with self._lock:
             for e in builder.entries:
                 self._pending.pop(e.id, None)
 
     def _upload(self, builder: PackBuilder) -> None:
+        """Finish and save one pack; its buffer goes back to the pool once ``save_pack`` returned.
+
+        ``save_pack`` gets a view of the pack buffer: like every backend's ``save``, it
+        must be done with the bytes when it returns (it writes or copies them).
+        """
         try:
             pack_id, data, entries = builder.finish()
-            builder.buf = bytearray()  # the bytes copy is all that is needed from here
-            self._save_pack(pack_id, data)
+            with data:
+                self._save_pack(pack_id, data)
+                length = len(data)
         except BaseException:
             self._drop(builder)
             raise
-        info = PackInfo(pack_id, len(data), entries)
-        del data
+        builder.release()
+        info = PackInfo(pack_id, length, entries)
         with self._lock:
             self.stats.packs_written += 1
             self._unindexed.append(info)
@@ -367,9 +359,10 @@ class BlobWriter:
     def flush(self) -> None:
         """Upload the open pack and index everything written so far."""
         with self._lock:
-            builder, self._builder = self._builder, PackBuilder(self.codec)
+            builder, self._builder = self._builder, PackBuilder(self.codec, self._buffers)
         if len(builder):
             self._hand_over(builder)
         if self._uploader is not None:
             self._uploader.wait()
         self._write_index()
+        self._buffers.clear()
