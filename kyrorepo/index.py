@@ -71,7 +71,7 @@ class BlobLocation(tuple):
     raw_length = property(lambda self: self[4])
 
 
-def _decode_loc(raw: bytes) -> BlobLocation:
+def _decode_loc(raw: bytes | memoryview) -> BlobLocation:
     pid, bt, off, ln, rl = _LOC.unpack(raw)
     return BlobLocation(pid, BlobType(bt), off, ln, rl)
 
@@ -122,9 +122,13 @@ class IndexCache:
             return txn.get(bid, db=self.blobs) is not None
 
     def iter_blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        """Every indexed blob, releasing the mapped pages as it goes (a walk maps the whole file)."""
         with self._txn() as txn:
-            for k, v in txn.cursor(db=self.blobs):
+            for n, (k, v) in enumerate(txn.cursor(db=self.blobs), 1):
+                if n % (RELEASE_EVERY * 16) == 0:
+                    self.release_pages()
                 yield bytes(k), _decode_loc(v)
+        self.release_pages()
 
     def iter_packs(self) -> Iterator[tuple[bytes, int, int]]:
         """(pack id, length, blob count) of every indexed pack."""

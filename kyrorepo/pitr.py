@@ -313,9 +313,9 @@ def place_segments(repo: Repository, tl: Timeline, versions: list[Version], t: i
     kept = [v for v, _, part in cuts if part is not None]
     names = iter(v.scan.relpath for v in restore_names(tl.codec, kept))
     out: list[SegmentResult] = []
-    for v, cp, part in cuts:
+    for v, cut, part in cuts:
         origin, origin_time = tl.label(v.state)
-        if part is None or cp is None:
+        if part is None or cut is None:
             out.append(SegmentResult(v.scan.relpath, origin, origin_time, 0, v.scan.count, 0, None, False))
             continue
         rel = next(names)
@@ -323,7 +323,7 @@ def place_segments(repo: Repository, tl: Timeline, versions: list[Version], t: i
         os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
         os.chmod(part, mode)
         os.replace(part, dest)
-        out.append(SegmentResult(rel, origin, origin_time, cp.frames, v.scan.count, cp.length, cp.last_time, True))
+        out.append(SegmentResult(rel, origin, origin_time, cut.frames, v.scan.count, cut.length, cut.last_time, True))
     return out
 
 

@@ -185,7 +185,7 @@ class Repository:
     def _save_index(self, packs: list[PackInfo]) -> str:
         return self.save_object(BlobType.INDEX, encode_index(packs))
 
-    def _save_pack(self, pack_id: bytes, data: bytes) -> None:
+    def _save_pack(self, pack_id: bytes, data: bytes | memoryview) -> None:
         self.backend.save(pack_name(pack_id), data)
 
     def lookup(self, bid: bytes) -> BlobLocation | None:

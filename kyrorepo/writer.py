@@ -153,7 +153,7 @@ class BlobWriter:
         codec: BlobCodec,
         cache: IndexCache,
         pack_size: int,
-        save_pack: Callable[[bytes, bytes], None],
+        save_pack: Callable[[bytes, bytes | memoryview], None],
         save_index: Callable[[list[PackInfo]], str],
     ) -> None:
         self.codec = codec

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from treeutil import make_rich_tree, snapshot_tree
+from treeutil import make_rich_tree, snapshot_tree, start_restore_over_old_content
 
 
 def backup_json(cli, data, *extra):
@@ -136,15 +136,7 @@ def test_restore_include(repo_cli, tmp_path):
 
 
 def test_restore_killed_midway_leaves_old_content(repo_cli, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(6):
-        (data / f"f{i}").write_bytes(os.urandom(40 * 1024 * 1024))
-    repo_cli.run("backup", "--data-dir", str(data))
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "old").write_text("old content")
-    proc = repo_cli.popen("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear")
+    proc, target = start_restore_over_old_content(repo_cli, tmp_path, 6)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if any(".kyrorepo-staging-" in e for e in os.listdir(tmp_path)):

@@ -19,7 +19,7 @@ from kyrorepo.keys import KdfParams
 from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo.restore_worker import FileCheck, check_file
-from treeutil import snapshot_tree
+from treeutil import snapshot_tree, start_restore_over_old_content
 
 WORKER_MARK = "procpool import worker_main"
 
@@ -124,15 +124,7 @@ def test_full_scan_finds_flipped_byte_in_workers(backed_up):
 
 
 def test_interrupted_restore_stops_its_workers(repo_cli, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(4):
-        (data / f"f{i}").write_bytes(os.urandom(40 * 1024 * 1024))
-    repo_cli.run("backup", "--data-dir", str(data))
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "old").write_text("old content")
-    proc = repo_cli.popen("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear")
+    proc, target = start_restore_over_old_content(repo_cli, tmp_path, 4)
     while proc.poll() is None:
         if any(".kyrorepo-staging-" in e for e in os.listdir(tmp_path)) and our_workers(repo_cli.cache):
             proc.send_signal(signal.SIGINT)

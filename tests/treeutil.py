@@ -55,3 +55,17 @@ def make_rich_tree(root: str) -> None:
         os.chown(os.path.join(root, "plain.txt"), 1234, 5678)
     os.utime(os.path.join(root, "empty_file"), ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
     os.utime(os.path.join(root, "empty_dir"), ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001))
+
+
+def start_restore_over_old_content(cli, tmp_path, files: int):
+    """Back up ``files`` files of 40 MiB of random bytes, then start (not wait for) a
+    restore of them over a target holding one old file; return (process, target)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(files):
+        (data / f"f{i}").write_bytes(os.urandom(40 * 1024 * 1024))
+    cli.run("backup", "--data-dir", str(data))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old content")
+    return cli.popen("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear"), target

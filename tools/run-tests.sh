@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .ci/install-test-servers.sh ]; then bash .ci/install-test-servers.sh; fi
 bash tools/bootstrap.sh --test
+.venv/bin/python -m mypy  # the package type-checks (configuration in pyproject.toml)
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

@@ -55,8 +55,11 @@ def validate_prefix(prefix: str) -> str:
 class Backend(Protocol):
     """Storage of opaque, immutable-by-convention objects under validated names."""
 
-    def save(self, name: str, data: bytes) -> None:
-        """Store ``data`` under ``name`` atomically and durably."""
+    def save(self, name: str, data: bytes | memoryview) -> None:
+        """Store ``data`` under ``name`` atomically and durably.
+
+        ``data`` may be a view of a buffer the caller reuses once this returns (the
+        backup's pack buffers): write or copy it before returning, never keep it."""
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return the object's bytes, or the range starting at ``offset``."""

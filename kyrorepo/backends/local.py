@@ -70,7 +70,7 @@ class LocalBackend:
             return
         fsync_dir(parent)
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))

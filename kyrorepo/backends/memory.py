@@ -14,7 +14,7 @@ class MemoryBackend:
         self._objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         validate_name(name)
         with self._lock:
             self._objects[name] = bytes(data)

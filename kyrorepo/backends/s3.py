@@ -206,7 +206,7 @@ class S3Backend:
 
     # --- Backend protocol -------------------------------------------------------------
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         key = self._key(name)
         with self._errors(f"saving {name} to {self._where()}"):
             client = self._client()

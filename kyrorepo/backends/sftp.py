@@ -346,7 +346,7 @@ class SftpBackend:
 
     # --- Backend protocol -------------------------------------------------------------
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         path = self._path(name)
         directory = posixpath.dirname(path)
         tmp = posixpath.join(directory, _TMP_PREFIX + secrets.token_hex(8))

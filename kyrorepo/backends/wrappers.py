@@ -95,7 +95,7 @@ class RetryBackend:
                 self._sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         self._run(f"save {name}", lambda: self.inner.save(name, data))
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -166,7 +166,7 @@ class RateLimitBackend:
             _TokenBucket(download_bytes_per_sec, clock, sleep) if download_bytes_per_sec else None
         )
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         if self._up is not None:
             self._up.consume(len(data))
         self.inner.save(name, data)
@@ -212,7 +212,7 @@ class DryRunBackend:
         with self._lock:
             return sum(size for _, size in self.saved)
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         validate_name(name)
         with self._lock:
             self.saved.append((name, len(data)))
@@ -294,7 +294,7 @@ class FaultInjectingBackend:
             self.faults += 1
         return self.exception(f"injected fault in {operation} {name!r} of {self.describe()}")
 
-    def save(self, name: str, data: bytes) -> None:
+    def save(self, name: str, data: bytes | memoryview) -> None:
         self._call("save", name, lambda: self.inner.save(name, data))
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
