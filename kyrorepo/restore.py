@@ -30,7 +30,13 @@ from kyrorepo.procpool import Runner, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo.restore_worker import FileCheck, RangeTask, check_file, mismatch, write_range
 from kyrorepo.snapshot import Snapshot
-from kyrorepo.staging import FILES_NEED_FSYNC, STAGING_TAG, clean_stale_staging, staged_restore
+from kyrorepo.staging import (
+    FILES_NEED_FSYNC,
+    STAGING_TAG,
+    clean_stale_staging,
+    recover_interrupted_swap,
+    staged_restore,
+)
 from kyrorepo.tree import DIR, FILE, SYMLINK, Node, Ref
 from kyrorepo.walk import chunk_refs, walk
 from kyrorepo.writer import RELEASE_INDEX_EVERY, release_index_pages, tune_allocator
@@ -90,6 +96,12 @@ def existing_files(target: str) -> list[str]:
 
 
 def is_nonempty(target: str) -> bool:
+    """Whether ``target`` holds anything, once content an interrupted swap left aside is back.
+
+    A restore killed between moving the old content aside and moving the new one in
+    leaves no ``target``; its old content is put back first, so that it counts here and
+    is never taken for a leftover (``staging.recover_interrupted_swap``)."""
+    recover_interrupted_swap(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise UsageError(f"restore target {target} exists and is not a directory")
     return os.path.isdir(target) and any(True for _ in os.scandir(target))

@@ -44,11 +44,30 @@ _SYNCFS = _syncfs_call()
 FILES_NEED_FSYNC = _SYNCFS is None  # without syncfs, whoever writes a file fsyncs it
 
 
+def recover_interrupted_swap(target: str) -> None:
+    """Put back the old content of ``target`` when a restore was killed mid-swap.
+
+    ``_swap_dir`` renames the target aside, then the staging directory in: killed in
+    between, it leaves no target and the old content under ``.<name>.kyrorepo-old-*``.
+    That content is the user's until a restore completes, so it goes back in place (and
+    the next restore sees a non-empty target and asks for --allow-clear again)."""
+    parent, name = os.path.split(target)
+    if os.path.lexists(target) or not os.path.isdir(parent):
+        return
+    olds = sorted((e for e in os.listdir(parent) if e.startswith(f".{name}{OLD_TAG}")),
+                  key=lambda e: os.stat(os.path.join(parent, e)).st_mtime_ns)
+    if olds:
+        os.rename(os.path.join(parent, olds[-1]), target)
+        fsync_dir(parent)
+
+
 def clean_stale_staging(target: str) -> None:
-    """Remove staging and old directories that an earlier killed restore left beside ``target``."""
+    """Remove staging and old directories that an earlier killed restore left beside ``target``
+    (after ``recover_interrupted_swap``: an old directory left then is garbage)."""
     parent, name = os.path.split(target)
     if not os.path.isdir(parent):
         return
+    recover_interrupted_swap(target)
     for entry in os.listdir(parent):
         if entry.startswith((f".{name}{STAGING_TAG}", f".{name}{OLD_TAG}")):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)

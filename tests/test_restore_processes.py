@@ -182,3 +182,21 @@ def test_worker_errors_come_back_as_errors(tmp_path):
             pool.wait()
     finally:
         pool.close()
+
+
+def test_restore_killed_mid_swap_gets_the_old_content_back(repo_cli, tmp_path):
+    """Killed after the old content was moved aside and before the new one moved in: the
+    next restore puts the old content back and refuses to replace it without --allow-clear."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "new").write_text("backed up")
+    repo_cli.run("backup", "--data-dir", str(data))
+    (tmp_path / ".target.kyrorepo-old-0badc0de").mkdir()
+    (tmp_path / ".target.kyrorepo-old-0badc0de" / "precious").write_text("user data")
+    target = tmp_path / "target"
+    r = repo_cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), expect=15)
+    assert "not empty" in r.stderr
+    assert (target / "precious").read_text() == "user data"
+    assert not [e for e in os.listdir(tmp_path) if "kyrorepo-old" in e]
+    repo_cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear")
+    assert os.listdir(target) == ["new"]
