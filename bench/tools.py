@@ -20,20 +20,9 @@ import sys
 from dataclasses import dataclass, field
 
 from bench.measure import REPO_ROOT, Command
+from kyrorepo.backup import dir_bytes
 
 PASSWORD = "kyrorepo-bench"
-
-
-def dir_bytes(path: str) -> int:
-    """Apparent size of every file below ``path`` (what the repository stores)."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, fn)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _base_env() -> dict[str, str]:

@@ -53,7 +53,7 @@ from kyrorepo.tree import (
     decode_tree,
     encode_tree,
 )
-from kyrorepo.writer import BlobWriter, release_index_pages
+from kyrorepo.writer import BlobWriter
 
 BATCH_BYTES = 1024 * 1024
 MAX_BATCHES_AHEAD = 4
@@ -159,6 +159,18 @@ class _Source:
             return self.f.readinto(b) or 0
         except OSError as exc:
             raise SourceReadError(exc) from exc
+
+
+def dir_bytes(path: str) -> int:
+    """Apparent size of every file below ``path``: a backup's progress total, a repository's size."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, fn)).st_size
+            except OSError:
+                pass  # vanished meanwhile
+    return total
 
 
 def default_source(data_dir: str) -> str:
@@ -414,7 +426,6 @@ class _Walker:
         if self.file_stats and (force or len(self.file_stats) >= FILES_CACHE_BATCH):
             self.repo.cache.put_file_stats(self.opts.source, self.file_stats)
             self.file_stats = []
-            release_index_pages(self.repo.cache)
 
     # --- nodes ----------------------------------------------------------------------------
 
@@ -590,7 +601,6 @@ def run_backup(repo: Repository, opts: BackupOptions) -> BackupResult:
         raise UsageError(f"backup needs at least one sealing thread (workers={opts.workers}, readers={opts.readers})")
     started = time.time()
     repo.sync_index()
-    release_index_pages(repo.cache)
     ensure_dictionary(repo, root)
     before = (repo.writer.stats.raw_bytes_added, repo.writer.stats.stored_bytes_added)
     with repo.writer.background_uploads():

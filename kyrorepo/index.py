@@ -211,6 +211,7 @@ class IndexCache:
         new = sorted(repo_segments - known)
         for name in new:
             self.add_segment(name, load(name))
+        self.release_pages()
         return len(new)
 
     # --- files cache --------------------------------------------------------------------
@@ -234,6 +235,7 @@ class IndexCache:
         with self._txn(write=True) as txn:
             for path, st in items:
                 txn.put(self._file_key(source, path), msgpack.packb(list(st)), db=self.files)
+        self.release_pages()
 
 
 def open_cache(cache_root: str, repo_id: str) -> IndexCache:

@@ -39,7 +39,7 @@ from kyrorepo.staging import (
 )
 from kyrorepo.tree import DIR, FILE, SYMLINK, Node, Ref
 from kyrorepo.walk import chunk_refs, walk
-from kyrorepo.writer import RELEASE_INDEX_EVERY, release_index_pages, tune_allocator
+from kyrorepo.writer import tune_allocator
 
 __all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
            "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
@@ -207,7 +207,6 @@ class _Writer:
         self.current: _Range | None = None
         self.ranges: dict[int, list[_File]] = {}  # ticket -> the files of a range task
         self.checks: dict[int, _File] = {}  # ticket -> the file a check_file task checks
-        self.lookups = 0
 
     def write_tree(self, snap: Snapshot, staging: str) -> None:
         try:
@@ -284,10 +283,6 @@ class _Writer:
     def _place_refs(self, f: _File, refs: list[Ref], offset: int) -> int:
         if not refs:
             return offset
-        self.lookups += len(refs)
-        if self.lookups >= RELEASE_INDEX_EVERY:
-            self.lookups = 0
-            release_index_pages(self.repo.cache)  # keep RSS flat: each lookup maps an index page
         for (bid, length), (_, loc) in zip(refs, self.repo.cache.lookup_many([r[0] for r in refs])):
             if loc is None:
                 raise IntegrityError(f"file {f.shown}: chunk {bid.hex()[:16]} is not in the index; "
@@ -410,7 +405,6 @@ def run_restore(repo: Repository, snap: Snapshot, opts: RestoreOptions) -> Resto
     runner = open_runner(repo, opts.workers)  # the workers start while the index syncs and the plan begins
     try:
         repo.sync_index()
-        release_index_pages(repo.cache)
         return staged_restore(target, lambda staging: write_snapshot(repo, snap, staging, opts, runner))
     finally:
         runner.close()

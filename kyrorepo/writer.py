@@ -51,10 +51,6 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1024 * 1024
 ALLOCATOR_SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),)
 
-# Index lookups between unmapping the index pages they touched, for callers of
-# ``release_index_pages`` (restore); ``IndexCache.lookup_many`` now releases as it goes.
-RELEASE_INDEX_EVERY = 512
-
 SealedItem = tuple[bytes, bytes, int]  # (blob id, sealed blob, raw length)
 
 
@@ -79,11 +75,6 @@ def tune_allocator() -> None:
         mallopt = ctypes.CDLL(None).mallopt
         for param, value in ALLOCATOR_SETTINGS:
             mallopt(param, value)
-
-
-def release_index_pages(cache: IndexCache) -> None:
-    """Drop the index pages this process mapped from its RSS (``IndexCache.release_pages``)."""
-    cache.release_pages()
 
 
 @dataclass
@@ -324,7 +315,6 @@ class BlobWriter:
                 return
             name = self._save_index(packs)
             self.cache.add_segment(name, packs)
-            release_index_pages(self.cache)
             with self._lock:
                 for p in packs:
                     for e in p.entries:

@@ -8,7 +8,6 @@ and leave the writer trusting no blob that was never stored.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -26,6 +25,7 @@ from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.restore import RestoreOptions, run_restore
 from kyrorepo.snapshot import list_snapshots
+from treeutil import snapshot_tree
 
 FAST = KdfParams(1024, 1)
 MiB = 1024 * 1024
@@ -34,22 +34,6 @@ MiB = 1024 * 1024
 def make_repo(tmp_path, backend=None) -> Repository:
     return Repository.create(backend or MemoryBackend(), b"pw", str(tmp_path / "cache"), kdf=FAST,
                              chunk_size=16 * 1024, pack_size=MiB)
-
-
-def tree_digest(root: str) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            st = os.lstat(path)
-            if os.path.islink(path):
-                out[rel] = ("link", os.readlink(path))
-            else:
-                with open(path, "rb") as f:
-                    out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
-    return out
 
 
 def make_mixed_tree(root: str, seed: int = 1) -> None:
@@ -88,6 +72,12 @@ def restore(repo: Repository, snap, target: str, **kw) -> None:
         run_restore(repo, snap, RestoreOptions(target=target, **kw))
 
 
+def assert_restores_to(repo: Repository, snap, data: str, out: str, **kw) -> None:
+    """Restore ``snap`` into ``out``: it must equal ``data``, contents and metadata."""
+    restore(repo, snap, out, **kw)
+    assert snapshot_tree(out) == snapshot_tree(data)
+
+
 @pytest.mark.parametrize("readers,workers", [(0, 1), (1, 2), (3, 4)])
 def test_round_trip_many_small_and_some_large_files(tmp_path, readers, workers):
     data = str(tmp_path / "data")
@@ -98,8 +88,7 @@ def test_round_trip_many_small_and_some_large_files(tmp_path, readers, workers):
     assert res.snapshot.stats["file_count"] == 6 * 60 + 6  # and one symlink
     assert repo.writer.stats.packs_written > 3  # several packs went through the upload thread
     out = str(tmp_path / "out")
-    restore(repo, res.snapshot, out, workers=workers)
-    assert tree_digest(out) == tree_digest(data)
+    assert_restores_to(repo, res.snapshot, data, out, workers=workers)
     assert os.stat(os.path.join(out, "big_random.dat")).st_ino == os.stat(os.path.join(out, "dir0", "hardlink.dat")).st_ino
 
 
@@ -178,9 +167,7 @@ def test_sealing_failure_surfaces_and_saves_no_snapshot(tmp_path):
     # Nothing that failed may still be claimed: the next backup stores what is missing.
     repo.codec = good
     res = backup(repo, data, readers=2, workers=2)
-    out = str(tmp_path / "out")
-    restore(repo, res.snapshot, out)
-    assert tree_digest(out) == tree_digest(data)
+    assert_restores_to(repo, res.snapshot, data, str(tmp_path / "out"))
 
 
 def test_upload_failure_surfaces_and_forgets_the_lost_blobs(tmp_path):
@@ -203,9 +190,7 @@ def test_upload_failure_surfaces_and_forgets_the_lost_blobs(tmp_path):
     assert list_snapshots(repo) == []
     repo.backend.save = save  # type: ignore[method-assign]
     res = backup(repo, data)
-    out = str(tmp_path / "out")
-    restore(repo, res.snapshot, out)
-    assert tree_digest(out) == tree_digest(data)
+    assert_restores_to(repo, res.snapshot, data, str(tmp_path / "out"))
 
 
 def test_damaged_pack_fails_restore_and_leaves_no_staging(tmp_path):

@@ -11,7 +11,8 @@ def snapshot_tree(root: str, mtimes: bool = True) -> dict:
     out = {}
     inodes: dict[int, str] = {}
     for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        for name in dirnames + filenames:
+        dirnames.sort()  # a hard link group is named by its first path: the same in both trees
+        for name in dirnames + sorted(filenames):
             p = os.path.join(dirpath, name)
             rel = os.path.relpath(p, os.fsencode(root))
             st = os.lstat(p)

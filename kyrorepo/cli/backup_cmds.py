@@ -8,7 +8,7 @@ import time
 
 import click
 
-from kyrorepo.backup import BackupOptions, BackupResult, default_source, run_backup
+from kyrorepo.backup import BackupOptions, BackupResult, default_source, dir_bytes, run_backup
 from kyrorepo.cli.common import (
     RepoOptions,
     emit_json,
@@ -23,17 +23,6 @@ from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import ExitCode, NotFoundError, UsageError
 from kyrorepo.snapshot import Snapshot, find_snapshot, iso_time, list_snapshots, parse_time
 from kyrorepo.walcapture import WalBackup, choose_codec
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, fn)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def wal_backup(wal_spec: str | None, data_dir: str, t: int | None) -> WalBackup | None:
@@ -67,7 +56,7 @@ def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description
                 previous = list_snapshots(repo, src)
                 parent = previous[0] if previous else None
             kind = "incremental" if parent is not None and not full else "full"
-            total = _dir_size(data_dir) if not as_json and sys.stderr.isatty() else None
+            total = dir_bytes(data_dir) if not as_json and sys.stderr.isatty() else None
             wal = wal_backup(wal_spec, data_dir, t)
             with byte_progress("backup", total) as progress:
                 opts = BackupOptions(data_dir=data_dir, source=src, parent=parent if not full else None,

@@ -7,7 +7,6 @@ scheduled runs (stderr not a terminal) would otherwise pay on every command.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Callable, Iterator
 
 from kyrorepo.cli.common import STATE, stderr_is_tty
@@ -21,11 +20,12 @@ def byte_progress(label: str, total_bytes: int | None) -> Iterator[Callback | No
     if STATE["json"] or not stderr_is_tty():
         yield None
         return
-    rp = importlib.import_module("rich.progress")
-    console = importlib.import_module("rich.console").Console(stderr=True)
-    columns = (rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
-               rp.TransferSpeedColumn(), rp.TextColumn("{task.fields[files]} files"), rp.TimeElapsedColumn())
-    with rp.Progress(*columns, console=console, transient=True) as progress:
+    from rich.console import Console  # here, not at the top: see the module docstring
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TextColumn("{task.fields[files]} files"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(label, total=total_bytes, files=0)
         counts = {"files": 0}
 

@@ -91,6 +91,10 @@ def key_list(ropts: RepoOptions, as_json: bool) -> None:
         click.echo(f"{r['id'][:8]}  {when}  {r['username']}@{r['host']}")
 
 
+new_password_option = click.option("--new-password-file", type=click.Path(dir_okay=False),
+                                   help="Read the new passphrase from this file.")
+
+
 def _new_password_source(new_password_file: str | None) -> bytes:
     if new_password_file:
         with open(new_password_file, "rb") as f:
@@ -104,7 +108,7 @@ def _new_password_source(new_password_file: str | None) -> bytes:
 
 @key.command("add")
 @repo_options
-@click.option("--new-password-file", type=click.Path(dir_okay=False), help="Read the new passphrase from this file.")
+@new_password_option
 @with_kdf
 def key_add(ropts: RepoOptions, new_password_file: str | None, kdf_memory_kib: int, kdf_iterations: int) -> None:
     """Add a key with another passphrase."""
@@ -137,7 +141,7 @@ def key_remove(ropts: RepoOptions, key_id: str) -> None:
 
 @key.command("passwd")
 @repo_options
-@click.option("--new-password-file", type=click.Path(dir_okay=False), help="Read the new passphrase from this file.")
+@new_password_option
 @with_kdf
 def key_passwd(ropts: RepoOptions, new_password_file: str | None, kdf_memory_kib: int, kdf_iterations: int) -> None:
     """Change the passphrase: add a key with the new one, then remove the key the old one opened."""
