@@ -26,7 +26,7 @@ PASSWORD = "kyrorepo-bench"
 
 
 def _base_env() -> dict[str, str]:
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "KYROREPO_DIRECT_IO")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 

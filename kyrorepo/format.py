@@ -46,6 +46,15 @@ class BlobType(IntEnum):
 
 
 PACKED_TYPES = (BlobType.DATA, BlobType.TREE, BlobType.CONTENT)
+_BLOB_TYPES = {int(t): t for t in BlobType}
+
+
+def blob_type(n: int) -> BlobType:
+    """``BlobType(n)`` without the enum call's cost (~1.5 µs, for every index entry read)."""
+    try:
+        return _BLOB_TYPES[n]
+    except KeyError:
+        raise ValueError(f"{n} is not a blob type") from None
 
 
 @dataclass(frozen=True)
@@ -109,13 +118,12 @@ def _decode_entries(data: bytes, pos: int, count: int, what: str) -> tuple[tuple
     end = pos + count * ENTRY.size
     if end > len(data):
         raise IntegrityError(f"{what} is truncated: {count} entries announced")
-    out = []
-    for i in range(count):
-        bid, btype, off, length, raw = ENTRY.unpack_from(data, pos + i * ENTRY.size)
-        try:
-            bt = BlobType(btype)
-        except ValueError:
-            raise IntegrityError(f"{what}: entry {i} has unknown blob type {btype}") from None
+    out: list[PackEntry] = []
+    types = _BLOB_TYPES
+    for bid, btype, off, length, raw in ENTRY.iter_unpack(memoryview(data)[pos:end]):
+        bt = types.get(btype)
+        if bt is None:
+            raise IntegrityError(f"{what}: entry {len(out)} has unknown blob type {btype}")
         out.append(PackEntry(bid, bt, off, length, raw))
     return tuple(out), end
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 import lmdb
 import msgpack
 
-from kyrorepo.format import BlobType, PackInfo
+from kyrorepo.format import BlobType, PackInfo, blob_type
 from kyrorepo.ids import ID_LEN
 from kyrorepo.lmdbutil import MappedPages, lmdb_file_intact
 
@@ -73,7 +73,7 @@ class BlobLocation(tuple):
 
 def _decode_loc(raw: bytes | memoryview) -> BlobLocation:
     pid, bt, off, ln, rl = _LOC.unpack(raw)
-    return BlobLocation(pid, BlobType(bt), off, ln, rl)
+    return BlobLocation(pid, blob_type(bt), off, ln, rl)
 
 
 class IndexCache:
@@ -123,11 +123,17 @@ class IndexCache:
 
     def iter_blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every indexed blob, releasing the mapped pages as it goes (a walk maps the whole file)."""
+        for bid, raw in self.iter_records():
+            yield bid, _decode_loc(raw)
+
+    def iter_records(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every indexed blob as stored: (id, location record: pack id | type u8 | offset u32 |
+        length u32 | raw length u32), in id order."""
         with self._txn() as txn:
             for n, (k, v) in enumerate(txn.cursor(db=self.blobs), 1):
                 if n % (RELEASE_EVERY * 16) == 0:
                     self.release_pages()
-                yield bytes(k), _decode_loc(v)
+                yield bytes(k), bytes(v)
         self.release_pages()
 
     def iter_packs(self) -> Iterator[tuple[bytes, int, int]]:

@@ -11,8 +11,11 @@ tasks on threads of this process. ``open_runner`` chooses.
 Workers are started as ``python -c`` of this module, never with a bare ``fork`` (the
 parent holds an LMDB environment and threads), and talk to the parent over one socket
 each: length-prefixed pickles, first the ``Setup``, then ``(function, argument)`` tasks;
-every task gets one reply, ``("ok", value)`` or an error tuple (exceptions are sent as
-text, since exception classes with their own ``__init__`` do not always unpickle). A
+every task gets one reply, ``(n, ("ok", value))`` or ``(n, error tuple)`` where ``n``
+counts the tasks that worker received (exceptions are sent as text, since exception
+classes with their own ``__init__`` do not always unpickle). A worker runs
+``Setup.threads`` tasks at once, so one task's disk I/O (direct I/O waits for the
+device, kyrorepo.directio) overlaps another's computing; replies may then overtake. A
 worker stops when its socket closes: when the parent closes the pool, fails, or dies
 (even by SIGKILL), so no worker outlives it by more than the task it is running. Workers
 ignore SIGINT: on Ctrl-C the parent unwinds and closes the pool.
@@ -51,7 +54,7 @@ A = TypeVar("A")
 R = TypeVar("R")
 Reply = tuple[Any, ...]
 
-DEPTH = 2  # tasks queued per worker process: one running, one ready
+THREADS = 2  # tasks a worker process runs at once: one computing while another waits on the disk
 STOP_TIMEOUT = 10.0  # seconds a worker may take to finish its task after the pool closes
 _HEADER = struct.Struct("<Q")
 
@@ -72,6 +75,7 @@ class Setup:
     backend: Any  # a reopen spec: an object whose ``open()`` returns a backend
     keys: "BlobKeys"
     level: int
+    threads: int = THREADS
 
     def context(self) -> WorkerContext:
         from kyrorepo.blob import codec_for
@@ -188,15 +192,33 @@ def worker_main(fd: int) -> None:
     tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
     stop = threading.Event()
     threading.Thread(target=_receive, args=(sock, tasks, stop), daemon=True).start()
-    while True:
-        task = tasks.get()
-        if task is None or stop.is_set():
-            return
-        reply = _run_task(ctx, setup_error, task)
-        try:
-            _send(sock, reply)
-        except OSError:
-            return
+    sending = threading.Lock()
+    numbers = iter(range(1 << 62))
+    taking = threading.Lock()
+
+    def serve() -> None:
+        while True:
+            with taking:  # numbers follow the order the tasks arrived in
+                task = tasks.get()
+                n = next(numbers)
+            if task is None or stop.is_set():
+                tasks.put(None)  # for the other threads
+                return
+            reply = _run_task(ctx, setup_error, task)
+            try:
+                with sending:
+                    _send(sock, (n, reply))
+            except OSError:
+                stop.set()
+                tasks.put(None)
+                return
+
+    helpers = [threading.Thread(target=serve, daemon=True) for _ in range(max(1, setup.threads) - 1)]
+    for t in helpers:
+        t.start()
+    serve()
+    for t in helpers:
+        t.join()
 
 
 # --- parent side: processes --------------------------------------------------------------------
@@ -206,7 +228,8 @@ def worker_main(fd: int) -> None:
 class _Worker:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
-    tickets: list[int]  # tasks sent and not yet answered, in order
+    tickets: dict[int, int]  # task number (in the order sent) -> ticket, for tasks not yet answered
+    sent: int = 0
 
 
 def _worker_env() -> dict[str, str]:
@@ -230,7 +253,7 @@ def _start_worker(setup: Setup, env: dict[str, str]) -> _Worker:
     finally:
         theirs.close()
     _send(mine, setup)  # small: sits in the socket buffer until the worker has started
-    return _Worker(proc, mine, [])
+    return _Worker(proc, mine, {})
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int:
@@ -243,7 +266,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> int:
 
 
 class ProcPool:
-    """Worker processes, each with at most ``DEPTH`` tasks queued; returns replies as they finish.
+    """Worker processes, each with at most ``threads + 1`` tasks queued; returns replies as they finish.
 
     Starting is asynchronous: the processes import and set up while the caller plans its
     first tasks. ``close`` (also on errors and Ctrl-C) closes every socket and waits for the
@@ -251,7 +274,7 @@ class ProcPool:
     """
 
     def __init__(self, setup: Setup, processes: int) -> None:
-        self.slots = processes * DEPTH
+        self.slots = processes * (max(1, setup.threads) + 1)
         self._workers: list[_Worker] = []
         self._sel = selectors.DefaultSelector()
         self._ready: list[tuple[int, Reply]] = []
@@ -280,7 +303,8 @@ class ProcPool:
             _send(w.sock, (fn, arg))
         except OSError:
             self._died(w)
-        w.tickets.append(ticket)
+        w.tickets[w.sent] = ticket
+        w.sent += 1
         return ticket
 
     def wait(self) -> tuple[int, Any]:
@@ -291,10 +315,10 @@ class ProcPool:
             for key, _ in self._sel.select():
                 w = key.data
                 try:
-                    reply = _recv(w.sock)
+                    n, reply = _recv(w.sock)
                 except (EOFError, OSError):
                     self._died(w)
-                self._ready.append((w.tickets.pop(0), reply))
+                self._ready.append((w.tickets.pop(n), reply))
         ticket, reply = self._ready.pop(0)
         if reply[0] != "ok":
             raise_reply(reply)

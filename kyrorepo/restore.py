@@ -28,7 +28,7 @@ from kyrorepo.index import BlobLocation
 from kyrorepo.pack import pack_name
 from kyrorepo.procpool import Runner, open_runner
 from kyrorepo.repository import Repository
-from kyrorepo.restore_worker import FileCheck, RangeTask, check_file, mismatch, write_range
+from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, mismatch, write_range, write_segment
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.staging import (
     FILES_NEED_FSYNC,
@@ -46,6 +46,7 @@ __all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_stagin
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
 MAX_GAP = 256 * 1024  # unneeded bytes a read may span to join the next blob
+SEGMENT_MAX = 256 * 1024 * 1024  # bytes of a large file one worker writes (and hashes) in order
 MAX_FILES_AHEAD = 4096  # files planned but not yet written, checked and finished
 LOOKUP_BATCH = 256  # chunk ids looked up in one index transaction
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -169,6 +170,27 @@ class _Range:
     places: list[tuple[int, _File, int]] = field(default_factory=list)  # (blob, file, file offset)
     files: dict[_File, int] = field(default_factory=dict)  # file -> its index in the task
 
+    @classmethod
+    def first(cls, bid: bytes, loc: BlobLocation) -> "_Range":
+        r = cls(loc.pack_id, loc.offset, loc.offset + loc.length)
+        r.blobs.append((bid, loc.offset, loc.length))
+        r.index[loc.offset] = 0
+        return r
+
+    def take(self, bid: bytes, loc: BlobLocation) -> int | None:
+        """Position of blob ``bid`` (at ``loc``) in this read, extending the read to it when it lies
+        at most ``MAX_GAP`` further on and the read stays within ``MAX_RANGE``; None if it cannot join."""
+        if loc.pack_id != self.pack_id:
+            return None
+        idx = self.index.get(loc.offset)
+        if idx is None and self.end <= loc.offset <= self.end + MAX_GAP \
+                and loc.offset + loc.length - self.start <= MAX_RANGE:
+            idx = len(self.blobs)
+            self.blobs.append((bid, loc.offset, loc.length))
+            self.index[loc.offset] = idx
+            self.end = loc.offset + loc.length
+        return idx if idx is not None and self.blobs[idx][0] == bid else None
+
     def add(self, idx: int, f: _File, offset: int) -> None:
         self.places.append((idx, f, offset))
         if f not in self.files:
@@ -185,6 +207,11 @@ class _Range:
             files.append((f.dest, f.shown, f.check() if f.whole else None))
         return RangeTask(pack_name(self.pack_id), self.start, self.end, tuple(self.blobs),
                          tuple((idx, self.files[f], off) for idx, f, off in self.places), tuple(files))
+
+    def segment_task(self, f: _File) -> RangeTask:
+        """The range as part of a ``SegmentTask``: every place is in ``f``."""
+        return RangeTask(pack_name(self.pack_id), self.start, self.end, tuple(self.blobs),
+                         tuple((idx, 0, off) for idx, _, off in self.places), ((f.dest, f.shown, None),))
 
 
 class _Writer:
@@ -268,21 +295,30 @@ class _Writer:
         if node.links is not None:
             self.links[node.links] = f
             _create(dest)
+        if node.size > MAX_RANGE:
+            self._plan_segments(f)
+            return
         offset = 0
-        batch: list[Ref] = []
-        for ref in chunk_refs(self.repo, node):
-            batch.append(ref)
-            if len(batch) >= LOOKUP_BATCH:
-                offset = self._place_refs(f, batch, offset)
-                batch = []
-        self._place_refs(f, batch, offset)
+        for bid, length, loc in self._locations(f):
+            self._place(f, offset, bid, loc)
+            offset += length
         f.planned = True
         if not f.ranges:
             self._finish_empty(f)
 
-    def _place_refs(self, f: _File, refs: list[Ref], offset: int) -> int:
+    def _locations(self, f: _File) -> Iterator[tuple[bytes, int, BlobLocation]]:
+        """(chunk id, length, location) of every chunk of ``f``, in file order."""
+        batch: list[Ref] = []
+        for ref in chunk_refs(self.repo, f.node):
+            batch.append(ref)
+            if len(batch) >= LOOKUP_BATCH:
+                yield from self._look_up(f, batch)
+                batch = []
+        yield from self._look_up(f, batch)
+
+    def _look_up(self, f: _File, refs: list[Ref]) -> Iterator[tuple[bytes, int, BlobLocation]]:
         if not refs:
-            return offset
+            return
         for (bid, length), (_, loc) in zip(refs, self.repo.cache.lookup_many([r[0] for r in refs])):
             if loc is None:
                 raise IntegrityError(f"file {f.shown}: chunk {bid.hex()[:16]} is not in the index; "
@@ -290,28 +326,50 @@ class _Writer:
             if loc.type != BlobType.DATA:
                 raise IntegrityError(f"file {f.shown}: chunk {bid.hex()[:16]} is a "
                                      f"{loc.type.name.lower()} blob, expected data")
-            self._place(f, offset, bid, loc)
+            yield bid, length, loc
+
+    def _plan_segments(self, f: _File) -> None:
+        """Plan a large file as ``SegmentTask``s of its own ranges, each written in order by one
+        worker. A file of at most ``SEGMENT_MAX`` bytes is one segment, whose worker checks its
+        digest while writing; a larger one is split and hashed back once all are written."""
+        f.whole = f.node.size <= SEGMENT_MAX
+        ranges: list[_Range] = []
+        r: _Range | None = None
+        offset = size = 0
+        for bid, length, loc in self._locations(f):
+            if size >= SEGMENT_MAX and not f.whole:
+                assert r is not None
+                self._submit_segment(f, [*ranges, r], None)
+                ranges, size, r = [], 0, None
+            idx = r.take(bid, loc) if r is not None else None
+            if r is None or idx is None:
+                if r is not None:
+                    ranges.append(r)
+                r = _Range.first(bid, loc)
+                idx = 0
+            r.places.append((idx, f, offset))
             offset += length
-        return offset
+            size += length
+        if r is not None:
+            ranges.append(r)
+        f.planned = True  # before the last submit: its reply may be taken while it waits for a slot
+        self._submit_segment(f, ranges, f.check() if f.whole else None)
+
+    def _submit_segment(self, f: _File, ranges: list[_Range], check: FileCheck | None) -> None:
+        task = SegmentTask(tuple(r.segment_task(f) for r in ranges), check)
+        f.ranges += 1
+        self.ranges[self.runner.submit(write_segment, task)] = [f]
+        while self.runner.pending >= self.runner.slots:
+            self._consume_one()
 
     def _place(self, f: _File, offset: int, bid: bytes, loc: BlobLocation) -> None:
         r = self.current
-        if r is not None and r.pack_id == loc.pack_id:
-            idx = r.index.get(loc.offset)
-            if idx is None and r.end <= loc.offset <= r.end + MAX_GAP \
-                    and loc.offset + loc.length - r.start <= MAX_RANGE:
-                idx = len(r.blobs)
-                r.blobs.append((bid, loc.offset, loc.length))
-                r.index[loc.offset] = idx
-                r.end = loc.offset + loc.length
-            if idx is not None and r.blobs[idx][0] == bid:
-                r.add(idx, f, offset)
-                return
-        self._flush_range()
-        r = self.current = _Range(loc.pack_id, loc.offset, loc.offset + loc.length)
-        r.blobs.append((bid, loc.offset, loc.length))
-        r.index[loc.offset] = 0
-        r.add(0, f, offset)
+        idx = r.take(bid, loc) if r is not None else None
+        if r is None or idx is None:
+            self._flush_range()
+            r = self.current = _Range.first(bid, loc)
+            idx = 0
+        r.add(idx, f, offset)
 
     def _flush_range(self) -> None:
         r, self.current = self.current, None

@@ -1,10 +1,12 @@
 """Restore's tasks, run in worker processes (kyrorepo.procpool) or, as a fallback, threads.
 
 ``write_range`` loads one pack range, opens and re-hashes every blob in it, and writes
-the plaintext at its file offsets (``pwritev`` of runs of consecutive chunks); a file
-whose every chunk lies in the range is checked against its digest right here, from the
-plaintext in memory. ``check_file`` hashes a file written by several ranges back from
-disk once its last chunk is in (the data is still in the page cache). Only byte counts and errors go back to the parent, never plaintext.
+the plaintext at its file offsets (runs of consecutive chunks; their page-aligned middle
+with direct I/O, kyrorepo.directio); a file whose every chunk lies in the range is checked
+against its digest right here, from the plaintext in memory. ``check_file`` hashes a file
+written by several ranges back from the disk once its last chunk is in (direct reads: what
+the device holds, not what the page cache remembers). Only byte counts and errors go back
+to the parent, never plaintext.
 Files are created by the first task that writes to them (``O_CREAT``), so creating many
 small files is spread over the workers; the parent creates only empty files and the
 first of a set of hard links.
@@ -18,12 +20,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kyrorepo import directio
 from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.format import BlobType
 from kyrorepo.procpool import WorkerContext
 
 IOV_MAX = 512  # buffers per pwritev
-READ_BLOCK = 1024 * 1024  # bytes per read when a file is hashed back from disk
+READ_BLOCK = 4 * 1024 * 1024  # bytes per read when a file is hashed back from disk
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -70,6 +73,19 @@ class RangeTask:
     files: tuple[tuple[str, str, FileCheck | None], ...]
 
 
+@dataclass(frozen=True)
+class SegmentTask:
+    """Consecutive ranges of one large file, written in file order by one worker.
+
+    Every range holds chunks of this file only (file index 0). With ``check`` (the
+    segment is the whole file), the worker hashes the plaintext as it writes it and
+    compares the digest at the end: the file is never read back.
+    """
+
+    ranges: tuple[RangeTask, ...]
+    check: FileCheck | None
+
+
 def mismatch(shown: str) -> IntegrityError:
     return IntegrityError(f"restored file {shown} does not match its recorded digest: "
                           "the backup is damaged, run 'kyrorepo verify --full-scan'")
@@ -87,6 +103,31 @@ def write_range(ctx: WorkerContext, task: RangeTask) -> int:
     try:
         written = _write_places(task, plains, fds)
         _check_whole_files(ctx, task, plains, fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def write_segment(ctx: WorkerContext, task: SegmentTask) -> int:
+    """Write a segment's ranges in order (hashing the file when it is all of it); return bytes written."""
+    hasher = ctx.keys.hasher() if task.check is not None else None
+    fds: dict[int, int] = {}
+    written = 0
+    try:
+        for rng in task.ranges:
+            plains = _open_blobs(ctx, rng)
+            written += _write_places(rng, plains, fds)
+            if hasher is not None:
+                for bi, _, _ in rng.places:
+                    hasher.update(plains[bi])
+            del plains
+        check = task.check
+        if check is not None and hasher is not None:
+            if written != check.size or hasher.digest() != check.digest:
+                raise mismatch(check.shown)
+            if check.fsync:
+                os.fsync(_descriptor(task.ranges[0], fds, 0))
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -117,6 +158,19 @@ def _descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int:
     return fd
 
 
+def _direct_descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int | None:
+    """A second descriptor of file ``fi`` for direct writes (kept under key ``-1 - fi``), or None."""
+    fd = fds.get(-1 - fi)
+    if fd is None:
+        try:
+            fd = directio.open_direct(task.files[fi][0], os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise write_failed(task.files[fi][1], exc) from None
+        if fd is not None:
+            fds[-1 - fi] = fd
+    return fd
+
+
 def _write_places(task: RangeTask, plains: list[bytes], fds: dict[int, int]) -> int:
     """``pwritev`` each run of chunks that are consecutive in one file."""
     run: list[bytes] = []
@@ -136,15 +190,20 @@ def _write_places(task: RangeTask, plains: list[bytes], fds: dict[int, int]) -> 
 
 
 def _pwritev_all(task: RangeTask, fds: dict[int, int], fi: int, bufs: list[bytes], offset: int) -> None:
-    """Write ``bufs`` back to back at ``offset``, one system call when the kernel takes it all.
+    """Write ``bufs`` back to back at ``offset``.
 
-    Then start writing them back to disk (Linux ``sync_file_range``, not waiting): the
-    ``syncfs`` before the swap finds little left to write instead of the whole restore.
+    Large runs go to the device directly (their unaligned ends through the page cache);
+    others through the page cache in one ``pwritev`` when the kernel takes it all, after
+    which writing them back to disk is started (Linux ``sync_file_range``, not waiting), so
+    the ``syncfs`` before the swap finds little left to write.
     """
     fd = _descriptor(task, fds, fi)
     try:
-        n = os.pwritev(fd, bufs, offset)
         total = sum(len(b) for b in bufs)
+        direct = _direct_descriptor(task, fds, fi) if total >= directio.MIN_DIRECT else None
+        if direct is not None and directio.write_at(direct, fd, bufs, offset, total):
+            return
+        n = os.pwritev(fd, bufs, offset)
         if n < total:
             rest = memoryview(b"".join(bufs))[n:]
             at = offset + n
@@ -186,15 +245,16 @@ def check_file(ctx: WorkerContext, check: FileCheck) -> None:
     """
     h = ctx.keys.hasher()
     size = 0
-    buf = bytearray(READ_BLOCK)
-    view = memoryview(buf)
     try:
-        with open(check.dest, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-                size += n
-            if check.fsync:
-                os.fsync(f.fileno())
+        for piece in directio.read_blocks(check.dest, READ_BLOCK):
+            h.update(piece)
+            size += len(piece)
+        if check.fsync:
+            fd = os.open(check.dest, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise KyroError(f"restored file {check.shown} cannot be read back ({exc.strerror or exc}): "
                         "check the restore target") from None

@@ -46,7 +46,7 @@ from kyrorepo.verify_data import (
     scan_runner,
     subset_packs,
 )
-from kyrorepo.verify_index import WorkIndex, union_entries
+from kyrorepo.verify_index import WorkIndex
 from kyrorepo.verify_report import DamageLedger, VerifyReport
 from kyrorepo.verify_restore import RestoreDrill, restore_and_compare
 from kyrorepo.verify_structure import (
@@ -133,20 +133,23 @@ class Verifier:
         self.good_segments = load_segments(self.repo, self.work, self.ledger)
         check_presence(self.work, self.ledger)
         self.snapshots = self.backups.load_backups()
-        for snap in self.snapshots:
-            self.backups.attribute_backup(snap)
         self.audit = open_audit_log(self.repo.cache_root, self.repo.config.repo_id)
-        if not self.opts.full_scan:
-            check_trailers(self.repo, self.work, self.ledger, self.pool, self.iter_scope(), 4 * self.window)
-        if self.opts.full_scan or self.opts.subset is not None:
-            self.scan_data()
+        if self.opts.full_scan and not self.opts.backup_ids:
+            # the scope is every pack: the workers start on the first packs while this
+            # process walks the backups and checks its index cache
+            self.scan_data(meanwhile=self.structure_rest)
+        else:
+            self.structure_rest()  # the scope of chosen backups is known once they are walked
+            if not self.opts.full_scan:
+                check_trailers(self.repo, self.work, self.ledger, self.pool, self.iter_scope(), 4 * self.window)
+            if self.opts.full_scan or self.opts.subset is not None:
+                self.scan_data()
         if self.ledger.new_blob_damage:
             self.backups.reattribute(self.snapshots)
         if not self.opts.backup_ids:
             n = check_captures(self.repo, self.backups, self.ledger)
             if n:
                 self.report.notices.append(f"{n} WAL capture(s) checked")
-        check_cache(self.repo, self.work, self.good_segments, self.report.notices)
         self.report.coverage = coverage(self.audit, self.iter_scope(), self.started_ns)
         if not self.opts.backup_ids:
             forget_absent(self.audit, self.work)
@@ -156,6 +159,15 @@ class Verifier:
         self.ledger.finish()
         self.report.duration = time.monotonic() - t0
         return self.report
+
+    def structure_rest(self) -> None:
+        """Which backups and files depend on the damage found so far, and the index cache check.
+
+        Damage that reading the data finds later is attributed again at the end
+        (``BackupChecker.reattribute``), so this may run while the first packs are read."""
+        for snap in self.snapshots:
+            self.backups.attribute_backup(snap)
+        check_cache(self.repo, self.work, self.good_segments, self.report.notices)
 
     def iter_scope(self) -> Iterator[tuple[bytes, int]]:
         """(pack id, size) of every present pack in scope: all, or those the chosen backups use."""
@@ -168,7 +180,9 @@ class Verifier:
     def scope_key(self) -> str:
         return "all" if not self.opts.backup_ids else ",".join(sorted(s.id for s in self.snapshots))
 
-    def scan_data(self) -> None:
+    def scan_data(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """Read the packs in scope; ``meanwhile`` runs once the workers have their first packs,
+        before any result is taken."""
         assert self.audit is not None
         run: ScanRun | None = None
         if self.opts.full_scan:
@@ -181,9 +195,15 @@ class Verifier:
         else:
             assert self.opts.subset is not None
             packs = subset_packs(self.audit, self.work, self.iter_scope(), self.opts.subset)
-        jobs = ((pid, size, union_entries(self.work.listings(pid))) for pid, size in packs)
+        jobs = ((pid, size, self.work.job_listing(pid)) for pid, size in packs)
         assert self.runner is not None
-        for res in scan_packs(self.runner, jobs):
+        results = scan_packs(self.runner, jobs)
+        if meanwhile is not None:
+            first = next(results, None)  # the workers' queues are full when it comes
+            meanwhile()
+            if first is not None:
+                self.take(first)
+        for res in results:
             self.take(res)
         if run is not None:
             self.audit.finish_scan(run)
@@ -197,7 +217,7 @@ class Verifier:
     def take(self, res: PackResult) -> None:
         assert self.audit is not None
         notes = list(res.notes)
-        if res.trailer is not None and self.opts.full_scan:  # subset audits compared every trailer already
+        if res.trailer is not None and res.lacks and self.opts.full_scan:  # subset audits compared every trailer already
             notes += compare_listings(self.work, res.pack_id, res.trailer)
         for note in notes:
             self.ledger.add_note(note)

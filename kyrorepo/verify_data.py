@@ -165,14 +165,19 @@ class PackResult:
     blobs_ok: int = 0
     bytes_read: int = 0
     notes: list[DamageNote] = field(default_factory=list)
-    trailer: frozenset[PackEntry] | None = None  # the indexed blobs the trailer lists (None: unreadable)
+    trailer: frozenset[PackEntry] | None = None  # the indexed blobs the trailer lists, when it lacks some (None: unreadable)
     notice: str = ""
+    lacks: bool = False  # the trailer lacks some indexed blob: compare each index listing with it
 
 
 def pack_result(job: PackJob, found: PackFindings) -> PackResult:
     """A worker's findings as a result; the trailer is what the index claims minus what it lacks."""
-    trailer = None if found.unlisted is None else frozenset(job.entries).difference(found.unlisted)
-    return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice)
+    if found.unlisted is None:
+        trailer = None
+    else:  # only compared with the index listings when it lacks some indexed blob
+        trailer = frozenset(job.entries).difference(found.unlisted) if found.unlisted else frozenset()
+    return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice,
+                      bool(found.unlisted))
 
 
 def scan_runner(repo: Repository, pool: ThreadPoolExecutor, window: int) -> Runner:
@@ -183,8 +188,8 @@ def scan_runner(repo: Repository, pool: ThreadPoolExecutor, window: int) -> Runn
     return open_runner(repo, max(1, window // 2), pool)
 
 
-def scan_packs(runner: Runner, jobs: Iterable[tuple[bytes, int, tuple[PackEntry, ...]]]) -> Iterator[PackResult]:
-    """``scan_pack`` each (pack id, size, indexed blobs) job, results in order."""
+def scan_packs(runner: Runner, jobs: Iterable[tuple[bytes, int, bytes]]) -> Iterator[PackResult]:
+    """``scan_pack`` each (pack id, size, encoded listing of its indexed blobs) job, results in order."""
     for job, found in ordered_map(runner, scan_pack, (PackJob(*j) for j in jobs)):
         yield pack_result(job, found)
 

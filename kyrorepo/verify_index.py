@@ -26,7 +26,7 @@ from typing import Iterator
 
 import lmdb
 
-from kyrorepo.format import BlobType, PackEntry, PackInfo, decode_trailer, encode_trailer
+from kyrorepo.format import PackEntry, PackInfo, blob_type, decode_trailer, encode_trailer
 from kyrorepo.ids import ID_LEN
 from kyrorepo.index import BlobLocation
 from kyrorepo.lmdbutil import MappedPages
@@ -46,12 +46,12 @@ Listing = tuple[bytes, int, tuple[PackEntry, ...]]  # (segment id, pack length, 
 
 
 def encode_location(loc: BlobLocation) -> bytes:
-    return LOC.pack(loc.pack_id, int(loc.type), loc.offset, loc.length, loc.raw_length)
+    return LOC.pack(*loc)  # (pack id, type, offset, length, raw length), LOC's order
 
 
 def decode_location(raw: bytes) -> BlobLocation:
     pid, btype, offset, length, raw_length = LOC.unpack(raw)
-    return BlobLocation(pid, BlobType(btype), offset, length, raw_length)
+    return BlobLocation(pid, blob_type(btype), offset, length, raw_length)
 
 
 def decode_listing(key: bytes, value: bytes) -> Listing:
@@ -198,13 +198,25 @@ class WorkIndex:
         return None if raw is None else decode_location(raw)
 
     def has_blob_at(self, bid: bytes, loc: BlobLocation) -> bool:
+        return self.has_record(bid, encode_location(loc))
+
+    def has_record(self, bid: bytes, record: bytes) -> bool:
+        """Whether ``bid`` has this location record (laid out as the index cache's)."""
         self._touch()
-        return self.txn.cursor(db=self.blobs).set_key_dup(bid, encode_location(loc))
+        return self.txn.cursor(db=self.blobs).set_key_dup(bid, record)
 
     def iter_listings(self) -> Iterator[tuple[bytes, list[Listing]]]:
         """(pack id, its listings) for every indexed pack, in id order."""
         for pid, group in groupby(self.scan(self.listing), key=lambda kv: kv[0][:ID_LEN]):
             yield pid, [decode_listing(k, v) for k, v in group]
+
+    def job_listing(self, pack_id: bytes) -> bytes:
+        """Every blob any segment lists in this pack, encoded as a trailer: the stored listing
+        itself when one segment lists the pack (the usual case), without decoding it."""
+        raws = [v for _, v in self.scan(self.listing, pack_id)]
+        if len(raws) == 1:
+            return raws[0][U64.size:]
+        return encode_trailer(union_entries([decode_listing(pack_id, v) for v in raws]))
 
     def listings(self, pack_id: bytes) -> list[Listing]:
         return [decode_listing(k, v) for k, v in self.scan(self.listing, pack_id)]

@@ -1,7 +1,7 @@
 """The full data check of one pack, run in worker processes (kyrorepo.procpool) or threads.
 
-A worker loads the whole pack, checks it against its name (unkeyed BLAKE3), reads its
-trailer and opens, decompresses and re-hashes every indexed blob in it, then sends back
+A worker reads the whole pack in pieces, checks it against its name (unkeyed BLAKE3),
+reads its trailer and opens, decompresses and re-hashes every indexed blob in it, then sends back
 only what it found: counts, damage notes, and the indexed blobs the trailer does not
 list. This module imports only what that needs, so worker processes stay small.
 """
@@ -9,12 +9,16 @@ list. This module imports only what that needs, so worker processes stay small.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import blake3
 
 from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError
-from kyrorepo.format import PackEntry
-from kyrorepo.pack import pack_id_of, pack_name, parse_pack
+from kyrorepo.format import PackEntry, decode_trailer
+from kyrorepo.pack import pack_name, read_trailer
 from kyrorepo.procpool import WorkerContext
 
+PIECE = 4 * 1024 * 1024  # bytes of a pack read at a time
 Note = tuple[bytes, str, str]  # kyrorepo.audit_log.DamageNote: (blob id or b"", object, reason)
 
 
@@ -22,7 +26,13 @@ Note = tuple[bytes, str, str]  # kyrorepo.audit_log.DamageNote: (blob id or b"",
 class PackJob:
     pack_id: bytes
     size: int  # as listed
-    entries: tuple[PackEntry, ...]  # the indexed blobs in it, in offset order
+    listing: bytes  # the indexed blobs in it, encoded as a trailer (kyrorepo.format.encode_trailer)
+
+    @cached_property
+    def entries(self) -> tuple[PackEntry, ...]:
+        """The indexed blobs, in offset order (decoded here: bytes cross the process boundary
+        much faster than hundreds of pickled entries)."""
+        return tuple(sorted(decode_trailer(self.listing, "verify job"), key=lambda e: e.offset))
 
 
 @dataclass
@@ -44,34 +54,77 @@ def reason_of(exc: KyroError, what: str) -> str:
 
 
 def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
-    """Read a whole pack: check it against its name, its trailer, and every blob in ``job.entries``."""
+    """Read a whole pack, ``PIECE`` bytes at a time: check it against its name, its trailer, and
+    every blob in ``job.entries``.
+
+    Memory does not grow with the pack size: a blob is opened as soon as its last byte is
+    read, and only the bytes of blobs that straddle a piece boundary are carried over.
+    """
     name = pack_name(job.pack_id)
     obj = f"pack {name}"
     res = PackFindings()
-    try:
-        data = ctx.backend.load(name)
-    except ObjectNotFoundError:
-        res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
-        return res
-    res.bytes_read = len(data)
-    if len(data) != job.size:
-        res.notes.append((b"", obj, f"has {len(data)} bytes, {job.size} were listed"))
+    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    entries = job.entries
+    nxt = 0  # entries[nxt:] start beyond what was read so far
+    open_: list[PackEntry] = []  # started, not complete
+    carry = b""  # the pack's bytes from carry_at on, for the entries in open_
+    carry_at = 0
+    pos = 0  # pack offset of the next piece
+    last, last_at = b"", 0  # the last piece read: the trailer is usually in it
+    while True:
+        try:
+            piece = ctx.backend.load(name, pos, PIECE)
+        except ObjectNotFoundError:
+            res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
+            return res
+        if not piece:
+            break
+        whole.update(piece)
+        view = memoryview(piece)
+        end = pos + len(piece)
+        while nxt < len(entries) and entries[nxt].offset < end:
+            open_.append(entries[nxt])
+            nxt += 1
+        still: list[PackEntry] = []
+        for e in open_:
+            if e.offset + e.length > end:
+                still.append(e)
+            elif e.offset >= pos:
+                _check_blob(ctx, res, e, name, view[e.offset - pos:e.offset + e.length - pos])
+            else:
+                _check_blob(ctx, res, e, name, carry[e.offset - carry_at:] + view[:e.offset + e.length - pos])
+        open_ = still
+        if open_:
+            first = min(e.offset for e in open_)
+            kept = carry[first - carry_at:] if first < pos else b""
+            carry, carry_at = kept + bytes(view[max(first, pos) - pos:]), first
+        else:
+            carry, carry_at = b"", end
+        del view
+        last, last_at = piece, pos
+        pos = end
+        if len(piece) < PIECE:
+            break
+    res.bytes_read = pos
+    for e in [*open_, *entries[nxt:]]:  # they reach beyond the end of the pack: opening them fails
+        _check_blob(ctx, res, e, name, carry[e.offset - carry_at:] if carry_at <= e.offset < pos else b"")
+    if pos != job.size:
+        res.notes.append((b"", obj, f"has {pos} bytes, {job.size} were listed"))
     trailer: frozenset[PackEntry] | None = None
+
+    def tail(offset: int, length: int) -> bytes:
+        if last_at <= offset and offset + length <= last_at + len(last):
+            return last[offset - last_at:offset - last_at + length]
+        return ctx.backend.load(name, offset, length)
+
     try:
-        trailer = frozenset(parse_pack(ctx.codec, data, name))
+        trailer = frozenset(read_trailer(ctx.codec, pos, tail, name))
         res.unlisted = tuple(e for e in job.entries if e not in trailer)
     except IntegrityError as exc:
         res.notes.append((b"", obj, f"trailer is damaged ({reason_of(exc, name)})"))
-    view = memoryview(data)
-    for e in job.entries:
-        what = f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
-        try:
-            ctx.codec.decode(e.type, e.id, view[e.offset:e.offset + e.length], what)
-            res.blobs_ok += 1
-        except IntegrityError as exc:
-            res.notes.append((e.id, what, reason_of(exc, what)))
-    del view
-    if pack_id_of(data) != job.pack_id and not res.notes:  # else the damage found explains it
+    except ObjectNotFoundError:
+        res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
+    if whole.digest() != job.pack_id and not res.notes:  # else the damage found explains it
         if trailer is not None and not trailer <= set(job.entries):
             res.notice = (f"{obj} does not match its name, but its damaged blobs are no longer indexed "
                           "('repair snapshots' dropped them): prune will remove it")
@@ -79,3 +132,12 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
             res.notes.append((b"", obj, "content does not match its name, though every indexed blob in it "
                               "is intact: copy the pack from a copy of the repository"))
     return res
+
+
+def _check_blob(ctx: WorkerContext, res: PackFindings, e: PackEntry, name: str, sealed: bytes | memoryview) -> None:
+    what = f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
+    try:
+        ctx.codec.decode(e.type, e.id, sealed, what)
+        res.blobs_ok += 1
+    except IntegrityError as exc:
+        res.notes.append((e.id, what, reason_of(exc, what)))

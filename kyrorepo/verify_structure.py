@@ -152,8 +152,8 @@ def check_trailers(repo: Repository, work: WorkIndex, ledger: DamageLedger, pool
 
 def cache_matches(repo: Repository, work: WorkIndex) -> bool:
     n = 0
-    for bid, loc in repo.cache.iter_blobs():
-        if not work.has_blob_at(bid, loc):
+    for bid, record in repo.cache.iter_records():  # the same layout: compared without decoding
+        if not work.has_record(bid, record):
             return False
         n += 1
     return n == work.distinct_blobs

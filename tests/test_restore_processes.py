@@ -18,7 +18,9 @@ from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.keys import KdfParams
 from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
 from kyrorepo.repository import Repository
+from kyrorepo import restore as restore_mod
 from kyrorepo.restore_worker import FileCheck, check_file
+from kyrorepo.snapshot import find_snapshot
 from treeutil import snapshot_tree, start_restore_over_old_content
 
 WORKER_MARK = "procpool import worker_main"
@@ -87,15 +89,43 @@ def backed_up(repo_cli, tmp_path):
     return repo_cli, data
 
 
-def test_restore_is_identical_through_worker_processes(backed_up, tmp_path):
+@pytest.mark.parametrize("direct_io", ["1", "0"])
+def test_restore_is_identical_through_worker_processes(backed_up, tmp_path, direct_io):
+    """With direct I/O (kyrorepo.directio) and, as on a file system refusing it, without."""
     cli, data = backed_up
     out = tmp_path / "out"
-    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(out))
+    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(out), env={"KYROREPO_DIRECT_IO": direct_io})
     assert "every file verified" in r.stdout
     assert snapshot_tree(str(out)) == snapshot_tree(str(data))
     assert os.stat(out / "big.bin").st_ino == os.stat(out / "d0" / "big-link.bin").st_ino
     assert os.stat(out / "d1" / "empty").st_ino == os.stat(out / "d2" / "empty-link").st_ino
     assert not our_workers(cli.cache)
+
+
+def test_large_file_in_several_segments_is_read_back(backed_up, tmp_path, monkeypatch):
+    """A file larger than one segment is written by several workers at once, then hashed
+    back from the disk; one segment's file is hashed while it is written."""
+    cli, data = backed_up
+    monkeypatch.setattr(restore_mod, "SEGMENT_MAX", 1 << 20)
+    submitted = []
+    real = restore_mod._Writer._submit_segment
+
+    def spy(self, f, ranges, check):
+        submitted.append((f.shown, check is not None))
+        return real(self, f, ranges, check)
+
+    monkeypatch.setattr(restore_mod._Writer, "_submit_segment", spy)
+    repo = Repository.open(LocalBackend(cli.repo), b"test-pass", cli.cache)
+    try:
+        snap = find_snapshot(repo, "latest")
+        restore_mod.run_restore(repo, snap, restore_mod.RestoreOptions(str(tmp_path / "out")))
+    finally:
+        repo.close()
+    assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
+    big = [whole for shown, whole in submitted if shown == "big.bin"]
+    assert len(big) >= 5 and not any(big)  # 6 MiB in segments of about 1 MiB: read back
+    sparse = [whole for shown, whole in submitted if shown == "sparse.bin"]
+    assert len(sparse) >= 4 and not any(sparse)
 
 
 def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):
@@ -180,6 +210,25 @@ def test_worker_errors_come_back_as_errors(tmp_path):
         with pytest.raises(KyroError, match="was killed by signal 9"):
             pool.submit(check_file, good)
             pool.wait()
+    finally:
+        pool.close()
+
+
+def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):
+    """A worker runs two tasks at once: a quick task's reply overtakes a slow one's and is
+    matched to its own ticket."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    from pool_tasks import echo_after
+
+    pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), MasterKey.generate().keys(), 3, threads=2), 1)
+    try:
+        assert pool.slots == 3
+        slow = pool.submit(echo_after, (1.0, "slow"))
+        quick = pool.submit(echo_after, (0.0, "quick"))
+        assert pool.wait() == (quick, "quick")
+        assert pool.wait() == (slow, "slow")
+        assert pool.pending == 0
     finally:
         pool.close()
 

@@ -1,7 +1,8 @@
 """Local filesystem backend.
 
 Atomic save: write to a unique temporary file in the target directory, fsync it,
-rename it over the name, fsync the directory. Files are created 0600 and
+rename it over the name, fsync the directory. Large objects are written and read with
+direct I/O when the file system allows it (kyrorepo.directio). Files are created 0600 and
 directories 0700. Temporary files start with ``.tmp-`` and are never listed; a
 killed writer leaves at most such a file behind, which ``list`` ignores.
 """
@@ -14,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
+from kyrorepo import directio
 from kyrorepo.backends.base import validate_name, validate_prefix
 from kyrorepo.errors import ObjectNotFoundError, PermanentBackendError, TransientBackendError
 
@@ -78,10 +80,7 @@ class LocalBackend:
             self._makedirs(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                directio.write_file(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -97,6 +96,10 @@ class LocalBackend:
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)
         try:
+            if length is None or length >= directio.MIN_DIRECT:
+                data = directio.pread(path, offset, os.stat(path).st_size - offset if length is None else length)
+                if data is not None:
+                    return data
             with open(path, "rb") as f:
                 if offset:
                     f.seek(offset)
