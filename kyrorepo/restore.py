@@ -8,10 +8,13 @@ killed restore never leaves the user with neither the old nor the new data.
 Data path (docs/performance.md, "Restore"): this process walks the snapshot, creates
 directories and symlinks and turns chunk lists into coalesced pack ranges, each range
 read once; worker processes (``kyrorepo.procpool``; threads for in-memory and network
-backends) load a range, open and re-hash every blob and ``pwrite`` it into the staging
-files (``kyrorepo.restore_worker``). A file's digest is checked in the worker when one
-range holds the whole file, else by hashing it back from disk once its last range is
-written. Metadata is set here after the check.
+backends) load a range, open and re-hash every blob and write it into the staging files
+(``kyrorepo.restore_worker``, direct I/O where possible). Small files share ranges, and
+a file one range holds entirely is checked against its digest in the worker. A file
+larger than a range gets ranges of its own, grouped into segments of up to
+``SEGMENT_MAX`` bytes that one worker writes in file order: a one-segment file is
+hashed as it is written, a larger one is hashed back from the disk once all its
+segments are written. Metadata is set here after the check.
 """
 
 from __future__ import annotations
