@@ -18,7 +18,7 @@ from kyrorepo.format import PackEntry, decode_trailer
 from kyrorepo.pack import pack_name, read_trailer
 from kyrorepo.procpool import WorkerContext
 
-PIECE = 4 * 1024 * 1024  # bytes of a pack read at a time
+PIECE = 2 * 1024 * 1024  # bytes of a pack read at a time (a worker thread holds about two)
 Note = tuple[bytes, str, str]  # kyrorepo.audit_log.DamageNote: (blob id or b"", object, reason)
 
 
