@@ -34,7 +34,10 @@ from kyrorepo.locks import pid_alive
 
 WORK_PREFIX = "verify-"
 WORK_MAP_SIZE = 1 << 40
-COMMIT_EVERY = 10_000
+# writes per transaction: its dirty pages are anonymous memory, up to a page per random write
+# into a large index (loading 270,000 blobs: 34 MB of anonymous memory with 10,000, 18 MB with
+# 2,000, in the same time)
+COMMIT_EVERY = 2_000
 RELEASE_EVERY = 256  # accesses between releases of the mapped pages (16 µs each)
 SCAN_BATCH = 1024
 
