@@ -32,8 +32,15 @@ def pack_name(pack_id: bytes) -> str:
     return f"data/{h[:2]}/{h}"
 
 
+def pack_hasher() -> "blake3.blake3":
+    """The hash naming a pack (unkeyed BLAKE3 of its bytes), to be fed piece by piece."""
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
 def pack_id_of(data: bytes | bytearray | memoryview) -> bytes:
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+    h = pack_hasher()
+    h.update(data)
+    return h.digest()
 
 
 DEFAULT_CAPACITY = 17 * 1024 * 1024  # a 16 MiB pack, the blob that fills it, its trailer

@@ -54,6 +54,11 @@ class FileCheck:
     digest: bytes
     fsync: bool  # no syncfs on this platform: the file is fsynced once it is checked
 
+    def confirm(self, size: int, digest: bytes) -> None:
+        """Raise unless the restored file's size and digest are the recorded ones."""
+        if size != self.size or digest != self.digest:
+            raise mismatch(self.shown)
+
 
 @dataclass(frozen=True)
 class RangeTask:
@@ -124,8 +129,7 @@ def write_segment(ctx: WorkerContext, task: SegmentTask) -> int:
             del plains
         check = task.check
         if check is not None and hasher is not None:
-            if written != check.size or hasher.digest() != check.digest:
-                raise mismatch(check.shown)
+            check.confirm(written, hasher.digest())
             if check.fsync:
                 os.fsync(_descriptor(task.ranges[0], fds, 0))
     finally:
@@ -205,12 +209,7 @@ def _pwritev_all(task: RangeTask, fds: dict[int, int], fi: int, bufs: list[bytes
             return
         n = os.pwritev(fd, bufs, offset)
         if n < total:
-            rest = memoryview(b"".join(bufs))[n:]
-            at = offset + n
-            while rest:
-                k = os.pwrite(fd, rest, at)
-                rest = rest[k:]
-                at += k
+            directio.pwrite_all(fd, memoryview(b"".join(bufs))[n:], offset + n)
         if _SYNC_FILE_RANGE is not None:
             _SYNC_FILE_RANGE(fd, offset, total, SYNC_FILE_RANGE_WRITE)
     except OSError as exc:
@@ -231,8 +230,7 @@ def _check_whole_files(ctx: WorkerContext, task: RangeTask, plains: list[bytes],
     for fi, h in hashers.items():
         check = task.files[fi][2]
         assert check is not None
-        if sizes[fi] != check.size or h.digest() != check.digest:
-            raise mismatch(check.shown)
+        check.confirm(sizes[fi], h.digest())
         if check.fsync:
             os.fsync(_descriptor(task, fds, fi))
 
@@ -258,5 +256,4 @@ def check_file(ctx: WorkerContext, check: FileCheck) -> None:
     except OSError as exc:
         raise KyroError(f"restored file {check.shown} cannot be read back ({exc.strerror or exc}): "
                         "check the restore target") from None
-    if size != check.size or h.digest() != check.digest:
-        raise mismatch(check.shown)
+    check.confirm(size, h.digest())

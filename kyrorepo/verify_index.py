@@ -216,10 +216,10 @@ class WorkIndex:
     def job_listing(self, pack_id: bytes) -> bytes:
         """Every blob any segment lists in this pack, encoded as a trailer: the stored listing
         itself when one segment lists the pack (the usual case), without decoding it."""
-        raws = [v for _, v in self.scan(self.listing, pack_id)]
-        if len(raws) == 1:
-            return raws[0][U64.size:]
-        return encode_trailer(union_entries([decode_listing(pack_id, v) for v in raws]))
+        rows = list(self.scan(self.listing, pack_id))
+        if len(rows) == 1:
+            return rows[0][1][U64.size:]
+        return encode_trailer(union_entries([decode_listing(k, v) for k, v in rows]))
 
     def listings(self, pack_id: bytes) -> list[Listing]:
         return [decode_listing(k, v) for k, v in self.scan(self.listing, pack_id)]

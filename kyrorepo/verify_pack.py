@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import blake3
-
 from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError
 from kyrorepo.format import PackEntry, decode_trailer
-from kyrorepo.pack import pack_name, read_trailer
+from kyrorepo.pack import pack_hasher, pack_name, read_trailer
 from kyrorepo.procpool import WorkerContext
 
 PIECE = 2 * 1024 * 1024  # bytes of a pack read at a time (a worker thread holds about two)
@@ -62,8 +60,9 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
     """
     name = pack_name(job.pack_id)
     obj = f"pack {name}"
+    missing = (b"", obj, "is missing (it disappeared during verify)")
     res = PackFindings()
-    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    whole = pack_hasher()
     entries = job.entries
     nxt = 0  # entries[nxt:] start beyond what was read so far
     open_: list[PackEntry] = []  # started, not complete
@@ -75,7 +74,7 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
         try:
             piece = ctx.backend.load(name, pos, PIECE)
         except ObjectNotFoundError:
-            res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
+            res.notes.append(missing)
             return res
         if not piece:
             break
@@ -123,7 +122,7 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
     except IntegrityError as exc:
         res.notes.append((b"", obj, f"trailer is damaged ({reason_of(exc, name)})"))
     except ObjectNotFoundError:
-        res.notes.append((b"", obj, "is missing (it disappeared during verify)"))
+        res.notes.append(missing)
     if whole.digest() != job.pack_id and not res.notes:  # else the damage found explains it
         if trailer is not None and not trailer <= set(job.entries):
             res.notice = (f"{obj} does not match its name, but its damaged blobs are no longer indexed "
