@@ -213,8 +213,8 @@ class _Sealer:
         done = False
         try:
             if self.error is None and not self.aborted:
-                encode = self.codec.encode
-                sealed = [(bid, encode(BlobType.DATA, bid, data), len(data)) for bid, data in batch]
+                blobs = self.codec.encode_many(BlobType.DATA, batch)
+                sealed = [(bid, blob, len(data)) for (bid, data), blob in zip(batch, blobs)]
                 self.writer.add_reserved(BlobType.DATA, sealed)
                 done = True
         except BaseException as exc:  # noqa: BLE001 - raised again on the walking thread

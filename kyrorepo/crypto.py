@@ -122,12 +122,12 @@ class BlobKeys:
         aead, nonce = self._aead(salt)
         return salt + aead.encrypt(nonce, plaintext, associated_data(btype, bid))
 
-    def open(self, btype: BlobType, bid: bytes, sealed: bytes, what: str) -> bytes:
+    def open(self, btype: BlobType, bid: bytes, sealed: bytes | memoryview, what: str) -> bytes:
         if len(sealed) < SEAL_OVERHEAD:
             raise IntegrityError(f"{what} is truncated ({len(sealed)} bytes)")
         aead, nonce = self._aead(bytes(sealed[:SALT_LEN]))
         try:
-            return aead.decrypt(nonce, bytes(sealed[SALT_LEN:]), associated_data(btype, bid))
+            return aead.decrypt(nonce, memoryview(sealed)[SALT_LEN:], associated_data(btype, bid))  # no copy
         except InvalidTag:
             raise IntegrityError(
                 f"{what} failed authentication: it is damaged, truncated or not the object its name says"

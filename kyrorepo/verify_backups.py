@@ -46,6 +46,7 @@ class BackupChecker:
         self.source = source
         self._loaded: dict[str, Snapshot | None] = {}
         self._record_needed = True
+        self._last_needed = b""  # the pack last recorded as needed
 
     # --- backup objects -------------------------------------------------------------------
 
@@ -116,8 +117,9 @@ class BackupChecker:
         if loc.type != btype:
             return self.ledger.add_damage(f"blob {bid.hex()[:16]}", f"is indexed as a {loc.type.name.lower()} "
                                           f"blob but referenced as a {btype.name.lower()} blob", [bid])
-        if self._record_needed:
+        if self._record_needed and loc.pack_id != self._last_needed:  # a file's chunks share packs
             self.work.put(self.work.needed, loc.pack_id, b"")
+            self._last_needed = loc.pack_id
         return None
 
     def load_meta(self, bid: bytes, btype: BlobType) -> bytes:

@@ -101,6 +101,7 @@ class WorkIndex:
         self.lru = self.env.open_db(b"lru")
         self.txn = self.env.begin(write=True)
         self.distinct_blobs = 0
+        self.any_damage = False  # set_damage was called: until then damage_of needs no look-up
         self._writes = 0
         self._pages = MappedPages(os.path.join(self.path, "data.mdb"))
         self._touched = 0
@@ -227,8 +228,11 @@ class WorkIndex:
     # --- damaged blobs ---------------------------------------------------------------------------
 
     def damage_of(self, bid: bytes) -> int | None:
+        if not self.any_damage:  # the walk of every undamaged repository asks this once per chunk
+            return None
         raw = self.get(self.damaged, bid)
         return None if raw is None else U32.unpack(raw)[0]
 
     def set_damage(self, bid: bytes, idx: int) -> None:
+        self.any_damage = True
         self.put(self.damaged, bid, U32.pack(idx))

@@ -85,13 +85,16 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
             open_.append(entries[nxt])
             nxt += 1
         still: list[PackEntry] = []
+        ready: list[tuple[PackEntry, bytes | memoryview]] = []
         for e in open_:
             if e.offset + e.length > end:
                 still.append(e)
             elif e.offset >= pos:
-                _check_blob(ctx, res, e, name, view[e.offset - pos:e.offset + e.length - pos])
+                ready.append((e, view[e.offset - pos:e.offset + e.length - pos]))
             else:
-                _check_blob(ctx, res, e, name, carry[e.offset - carry_at:] + view[:e.offset + e.length - pos])
+                ready.append((e, carry[e.offset - carry_at:] + view[:e.offset + e.length - pos]))
+        _check_blobs(ctx, res, ready, name)
+        del ready
         open_ = still
         if open_:
             first = min(e.offset for e in open_)
@@ -105,8 +108,9 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
         if len(piece) < PIECE:
             break
     res.bytes_read = pos
-    for e in [*open_, *entries[nxt:]]:  # they reach beyond the end of the pack: opening them fails
-        _check_blob(ctx, res, e, name, carry[e.offset - carry_at:] if carry_at <= e.offset < pos else b"")
+    # these reach beyond the end of the pack: opening them fails
+    _check_blobs(ctx, res, [(e, carry[e.offset - carry_at:] if carry_at <= e.offset < pos else b"")
+                            for e in [*open_, *entries[nxt:]]], name)
     if pos != job.size:
         res.notes.append((b"", obj, f"has {pos} bytes, {job.size} were listed"))
     trailer: frozenset[PackEntry] | None = None
@@ -133,10 +137,19 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
     return res
 
 
-def _check_blob(ctx: WorkerContext, res: PackFindings, e: PackEntry, name: str, sealed: bytes | memoryview) -> None:
-    what = f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
-    try:
-        ctx.codec.decode(e.type, e.id, sealed, what)
-        res.blobs_ok += 1
-    except IntegrityError as exc:
-        res.notes.append((e.id, what, reason_of(exc, what)))
+def _check_blobs(ctx: WorkerContext, res: PackFindings, ready: list[tuple[PackEntry, bytes | memoryview]],
+                 name: str) -> None:
+    """Open, decompress and re-hash the blobs in ``ready`` (every one of one type: packs hold
+    one type of blob; a mixed list is checked type by type)."""
+    def what(i: int) -> str:
+        e = ready[i][0]
+        return f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
+
+    for btype in dict.fromkeys(e.type for e, _ in ready):
+        idx = [i for i, (e, _) in enumerate(ready) if e.type == btype]
+        found = ctx.codec.decode_many(btype, [(ready[i][0].id, ready[i][1]) for i in idx], lambda k: what(idx[k]))
+        for k, got in zip(idx, found):
+            if isinstance(got, IntegrityError):
+                res.notes.append((ready[k][0].id, what(k), reason_of(got, what(k))))
+            else:
+                res.blobs_ok += 1

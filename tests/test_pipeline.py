@@ -154,6 +154,13 @@ class _FailingCodec(BlobCodec):
                 raise RuntimeError("injected sealing failure")
         return super().encode(btype, bid, data)
 
+    def encode_many(self, btype, items):
+        if btype == BlobType.DATA:
+            self.calls += len(items)
+            if self.calls >= self.fail_at > self.calls - len(items):
+                raise RuntimeError("injected sealing failure")
+        return super().encode_many(btype, items)
+
 
 def test_sealing_failure_surfaces_and_saves_no_snapshot(tmp_path):
     data = str(tmp_path / "data")
