@@ -17,6 +17,7 @@ from kyrorepo.pack import pack_hasher, pack_name, read_trailer
 from kyrorepo.procpool import WorkerContext
 
 PIECE = 2 * 1024 * 1024  # bytes of a pack read at a time (a worker thread holds about two)
+BATCH = 16  # blobs opened in one BlobCodec.decode_many call: their plaintexts are held together
 Note = tuple[bytes, str, str]  # kyrorepo.audit_log.DamageNote: (blob id or b"", object, reason)
 
 
@@ -146,10 +147,13 @@ def _check_blobs(ctx: WorkerContext, res: PackFindings, ready: list[tuple[PackEn
         return f"{e.type.name.lower()} blob {e.id.hex()[:16]} in pack {name}"
 
     for btype in dict.fromkeys(e.type for e, _ in ready):
-        idx = [i for i, (e, _) in enumerate(ready) if e.type == btype]
-        found = ctx.codec.decode_many(btype, [(ready[i][0].id, ready[i][1]) for i in idx], lambda k: what(idx[k]))
-        for k, got in zip(idx, found):
-            if isinstance(got, IntegrityError):
-                res.notes.append((ready[k][0].id, what(k), reason_of(got, what(k))))
-            else:
-                res.blobs_ok += 1
+        of_type = [i for i, (e, _) in enumerate(ready) if e.type == btype]
+        for at in range(0, len(of_type), BATCH):
+            idx = of_type[at:at + BATCH]
+            found = ctx.codec.decode_many(btype, [(ready[i][0].id, ready[i][1]) for i in idx],
+                                          lambda k: what(idx[k]))
+            for k, got in zip(idx, found):
+                if isinstance(got, IntegrityError):
+                    res.notes.append((ready[k][0].id, what(k), reason_of(got, what(k))))
+                else:
+                    res.blobs_ok += 1
