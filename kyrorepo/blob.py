@@ -187,7 +187,8 @@ class BlobCodec:
     def decode_many(self, btype: BlobType, items: Sequence[tuple[bytes, bytes | memoryview]],
                     what: Callable[[int], str]) -> list[bytes | memoryview | IntegrityError]:
         """``decode`` of each (id, sealed blob) in ``items``: the plaintext, or the IntegrityError
-        that blob raises (``what(i)`` names item ``i`` in it; it is called only on damage).
+        that blob raises (``what(i)`` names item ``i`` in it; it is not called for a compressed blob
+        that opens and matches its id, the common case).
 
         The zstd frames of the list are decompressed in one call per dictionary, which gives
         the GIL up once rather than once per blob; a plaintext may then be a segment of one
