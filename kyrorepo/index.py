@@ -52,7 +52,7 @@ TXN_ENTRIES = 1024
 # lookup maps about 150 KiB (measured: the kernel maps the page-cache pages around the
 # few it reads), so this bounds what a burst of lookups adds to RSS to about 10 MiB.
 RELEASE_EVERY = 64
-_LOC = struct.Struct(f"<{ID_LEN}sBIII")
+LOC = struct.Struct(f"<{ID_LEN}sBIII")  # a blob's location record: pack id, type, offset, length, raw length
 _PACK = struct.Struct("<QI")
 
 
@@ -71,8 +71,14 @@ class BlobLocation(tuple):
     raw_length = property(lambda self: self[4])
 
 
-def _decode_loc(raw: bytes | memoryview) -> BlobLocation:
-    pid, bt, off, ln, rl = _LOC.unpack(raw)
+def encode_location(loc: BlobLocation) -> bytes:
+    """A location record (``LOC``): the layout of the cache's ``blobs`` values, and of verify's
+    work index, which is compared with the cache record for record."""
+    return LOC.pack(*loc)  # (pack id, type, offset, length, raw length), LOC's order
+
+
+def decode_location(raw: bytes | memoryview) -> BlobLocation:
+    pid, bt, off, ln, rl = LOC.unpack(raw)
     return BlobLocation(pid, blob_type(bt), off, ln, rl)
 
 
@@ -105,7 +111,7 @@ class IndexCache:
     def lookup(self, bid: bytes) -> BlobLocation | None:
         with self._txn() as txn:
             raw = txn.get(bid, db=self.blobs)
-        return None if raw is None else _decode_loc(raw)
+        return None if raw is None else decode_location(raw)
 
     def lookup_many(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, BlobLocation | None]]:
         """Look ``ids`` up in one transaction, releasing the pages they map as it goes."""
@@ -114,7 +120,7 @@ class IndexCache:
                 raw = txn.get(bid, db=self.blobs)
                 if n % RELEASE_EVERY == 0:
                     self.release_pages()
-                yield bid, (None if raw is None else _decode_loc(raw))
+                yield bid, (None if raw is None else decode_location(raw))
         self.release_pages()
 
     def has(self, bid: bytes) -> bool:
@@ -124,7 +130,7 @@ class IndexCache:
     def iter_blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every indexed blob, releasing the mapped pages as it goes (a walk maps the whole file)."""
         for bid, raw in self.iter_records():
-            yield bid, _decode_loc(raw)
+            yield bid, decode_location(raw)
 
     def iter_records(self) -> Iterator[tuple[bytes, bytes]]:
         """Every indexed blob as stored: (id, location record: pack id | type u8 | offset u32 |
@@ -173,7 +179,7 @@ class IndexCache:
     def add_segment(self, name: str, packs: Iterable[PackInfo]) -> None:
         """Record a saved index segment and every blob it lists (see the module docstring)."""
         packs = list(packs)
-        items = sorted((e.id, _LOC.pack(p.pack_id, int(e.type), e.offset, e.length, e.raw_length))
+        items = sorted((e.id, encode_location(BlobLocation(p.pack_id, e.type, e.offset, e.length, e.raw_length)))
                        for p in packs for e in p.entries)
         key = name.encode()
         starts = range(0, len(items), TXN_ENTRIES) if items else range(1)

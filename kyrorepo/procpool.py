@@ -412,8 +412,8 @@ def open_runner(repo: "Repository", workers: int, threads: ThreadPoolExecutor | 
 def ordered_map(runner: Runner, fn: Callable[[WorkerContext, A], R], items: Iterable[A]) -> Iterator[tuple[A, R]]:
     """``(item, fn(context, item))`` in the order of ``items``.
 
-    Keeps ``runner.slots`` tasks in flight; replies that overtook a slower earlier task
-    wait here, at most ``runner.slots`` of them, so memory stays bounded.
+    Tasks in flight and replies that overtook a slower earlier task (they wait here) are at
+    most ``2 * runner.slots`` together, so memory stays bounded.
     """
     order: deque[tuple[int, A]] = deque()
     done: dict[int, R] = {}

@@ -23,15 +23,16 @@ import contextlib
 import fnmatch
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 from kyrorepo.errors import IntegrityError, RefusedError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
 from kyrorepo.pack import pack_name
-from kyrorepo.procpool import Runner, open_runner
+from kyrorepo.procpool import Runner, WorkerContext, open_runner
 from kyrorepo.repository import Repository
-from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, mismatch, write_range, write_segment
+from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, write_range, write_segment
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.staging import (
     FILES_NEED_FSYNC,
@@ -359,11 +360,8 @@ class _Writer:
         self._submit_segment(f, ranges, f.check() if f.whole else None)
 
     def _submit_segment(self, f: _File, ranges: list[_Range], check: FileCheck | None) -> None:
-        task = SegmentTask(tuple(r.segment_task(f) for r in ranges), check)
         f.ranges += 1
-        self.ranges[self.runner.submit(write_segment, task)] = [f]
-        while self.runner.pending >= self.runner.slots:
-            self._consume_one()
+        self._submit(write_segment, SegmentTask(tuple(r.segment_task(f) for r in ranges), check), [f])
 
     def _place(self, f: _File, offset: int, bid: bytes, loc: BlobLocation) -> None:
         r = self.current
@@ -376,10 +374,12 @@ class _Writer:
 
     def _flush_range(self) -> None:
         r, self.current = self.current, None
-        if r is None:
-            return
-        ticket = self.runner.submit(write_range, r.task())
-        self.ranges[ticket] = list(r.files)
+        if r is not None:
+            self._submit(write_range, r.task(), list(r.files))
+
+    def _submit(self, fn: Callable[[WorkerContext, Any], int], task: object, files: list[_File]) -> None:
+        """Send a task that writes ``files``; take replies while every slot is busy."""
+        self.ranges[self.runner.submit(fn, task)] = files
         while self.runner.pending >= self.runner.slots:
             self._consume_one()
 
@@ -405,14 +405,9 @@ class _Writer:
     def _finish_empty(self, f: _File) -> None:
         if f.node.links is None:  # the first of a set of links was created when planned
             _create(f.dest)
-        if f.node.size or self.repo.keys.hasher().digest() != f.node.digest:
-            raise mismatch(f.shown)
-        if FILES_NEED_FSYNC:
-            fd = os.open(f.dest, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        check = f.check()
+        check.confirm(0, self.repo.keys.hasher().digest())
+        check.make_durable()
         self._finish(f)
 
     def _finish(self, f: _File) -> None:

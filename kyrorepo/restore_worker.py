@@ -59,6 +59,15 @@ class FileCheck:
         if size != self.size or digest != self.digest:
             raise mismatch(self.shown)
 
+    def make_durable(self) -> None:
+        """fsync the file when the platform has no ``syncfs`` (``fsync``), from a new descriptor."""
+        if self.fsync:
+            fd = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
 
 @dataclass(frozen=True)
 class RangeTask:
@@ -247,12 +256,7 @@ def check_file(ctx: WorkerContext, check: FileCheck) -> None:
         for piece in directio.read_blocks(check.dest, READ_BLOCK):
             h.update(piece)
             size += len(piece)
-        if check.fsync:
-            fd = os.open(check.dest, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        check.make_durable()
     except OSError as exc:
         raise KyroError(f"restored file {check.shown} cannot be read back ({exc.strerror or exc}): "
                         "check the restore target") from None

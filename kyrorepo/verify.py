@@ -217,7 +217,7 @@ class Verifier:
     def take(self, res: PackResult) -> None:
         assert self.audit is not None
         notes = list(res.notes)
-        if res.trailer is not None and res.lacks and self.opts.full_scan:  # subset audits compared every trailer already
+        if res.trailer is not None and self.opts.full_scan:  # subset audits compared every trailer already
             notes += compare_listings(self.work, res.pack_id, res.trailer)
         for note in notes:
             self.ledger.add_note(note)

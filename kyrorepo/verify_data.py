@@ -165,19 +165,16 @@ class PackResult:
     blobs_ok: int = 0
     bytes_read: int = 0
     notes: list[DamageNote] = field(default_factory=list)
-    trailer: frozenset[PackEntry] | None = None  # the indexed blobs the trailer lists, when it lacks some (None: unreadable)
+    # the indexed blobs the trailer lists, when it lacks some (then each index listing is
+    # compared with it); None when it lists them all or cannot be read (a note says so)
+    trailer: frozenset[PackEntry] | None = None
     notice: str = ""
-    lacks: bool = False  # the trailer lacks some indexed blob: compare each index listing with it
 
 
 def pack_result(job: PackJob, found: PackFindings) -> PackResult:
     """A worker's findings as a result; the trailer is what the index claims minus what it lacks."""
-    if found.unlisted is None:
-        trailer = None
-    else:  # only compared with the index listings when it lacks some indexed blob
-        trailer = frozenset(job.entries).difference(found.unlisted) if found.unlisted else frozenset()
-    return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice,
-                      bool(found.unlisted))
+    trailer = frozenset(job.entries).difference(found.unlisted) if found.unlisted else None
+    return PackResult(job.pack_id, found.blobs_ok, found.bytes_read, found.notes, trailer, found.notice)
 
 
 def scan_runner(repo: Repository, pool: ThreadPoolExecutor, window: int) -> Runner:

@@ -26,9 +26,9 @@ from typing import Iterator
 
 import lmdb
 
-from kyrorepo.format import PackEntry, PackInfo, blob_type, decode_trailer, encode_trailer
+from kyrorepo.format import PackEntry, PackInfo, decode_trailer, encode_trailer
 from kyrorepo.ids import ID_LEN
-from kyrorepo.index import BlobLocation
+from kyrorepo.index import BlobLocation, decode_location, encode_location
 from kyrorepo.lmdbutil import MappedPages
 from kyrorepo.locks import pid_alive
 
@@ -41,20 +41,10 @@ COMMIT_EVERY = 2_000
 RELEASE_EVERY = 256  # accesses between releases of the mapped pages (16 µs each)
 SCAN_BATCH = 1024
 
-LOC = struct.Struct(f"<{ID_LEN}sBIII")  # pack id, type, offset, length, raw length
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 
 Listing = tuple[bytes, int, tuple[PackEntry, ...]]  # (segment id, pack length, entries) of one indexed pack
-
-
-def encode_location(loc: BlobLocation) -> bytes:
-    return LOC.pack(*loc)  # (pack id, type, offset, length, raw length), LOC's order
-
-
-def decode_location(raw: bytes) -> BlobLocation:
-    pid, btype, offset, length, raw_length = LOC.unpack(raw)
-    return BlobLocation(pid, blob_type(btype), offset, length, raw_length)
 
 
 def decode_listing(key: bytes, value: bytes) -> Listing:
@@ -200,9 +190,6 @@ class WorkIndex:
         """The first recorded location of a blob."""
         raw = self.get(self.blobs, bid)
         return None if raw is None else decode_location(raw)
-
-    def has_blob_at(self, bid: bytes, loc: BlobLocation) -> bool:
-        return self.has_record(bid, encode_location(loc))
 
     def has_record(self, bid: bytes, record: bytes) -> bool:
         """Whether ``bid`` has this location record (laid out as the index cache's)."""
