@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 import lmdb
 import msgpack
 
-from kyrorepo.format import BlobType, PackInfo, blob_type
+from kyrorepo.format import BlobType, PackEntry, PackInfo, blob_type
 from kyrorepo.ids import ID_LEN
 from kyrorepo.lmdbutil import MappedPages, lmdb_file_intact
 
@@ -80,6 +80,16 @@ def encode_location(loc: BlobLocation) -> bytes:
 def decode_location(raw: bytes | memoryview) -> BlobLocation:
     pid, bt, off, ln, rl = LOC.unpack(raw)
     return BlobLocation(pid, blob_type(bt), off, ln, rl)
+
+
+def entry_record(pack_id: bytes, e: PackEntry) -> bytes:
+    """The location record (``LOC``) of pack entry ``e`` of pack ``pack_id``."""
+    return LOC.pack(pack_id, e.type, e.offset, e.length, e.raw_length)
+
+
+def record_pack_type(raw: bytes) -> tuple[bytes, int]:
+    """A location record's pack id and blob type number, the rest left undecoded."""
+    return raw[:ID_LEN], raw[ID_LEN]
 
 
 class IndexCache:
@@ -179,8 +189,7 @@ class IndexCache:
     def add_segment(self, name: str, packs: Iterable[PackInfo]) -> None:
         """Record a saved index segment and every blob it lists (see the module docstring)."""
         packs = list(packs)
-        items = sorted((e.id, encode_location(BlobLocation(p.pack_id, e.type, e.offset, e.length, e.raw_length)))
-                       for p in packs for e in p.entries)
+        items = sorted((e.id, entry_record(p.pack_id, e)) for p in packs for e in p.entries)
         key = name.encode()
         starts = range(0, len(items), TXN_ENTRIES) if items else range(1)
         for start in starts:

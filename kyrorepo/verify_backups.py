@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgpack
 
 from kyrorepo.errors import IntegrityError, NotFoundError, ObjectNotFoundError
-from kyrorepo.format import BlobType
+from kyrorepo.format import BlobType, blob_type
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, load_snapshot
@@ -111,15 +111,17 @@ class BackupChecker:
         idx = self.ledger.blob_damage(bid)
         if idx is not None:
             return idx
-        loc = self.work.location(bid)
-        if loc is None:
+        found = self.work.pack_and_type(bid)
+        if found is None:
             return self.ledger.add_unindexed(bid)
-        if loc.type != btype:
-            return self.ledger.add_damage(f"blob {bid.hex()[:16]}", f"is indexed as a {loc.type.name.lower()} "
-                                          f"blob but referenced as a {btype.name.lower()} blob", [bid])
-        if self._record_needed and loc.pack_id != self._last_needed:  # a file's chunks share packs
-            self.work.put(self.work.needed, loc.pack_id, b"")
-            self._last_needed = loc.pack_id
+        pack_id, type_number = found
+        if type_number != btype:
+            indexed = blob_type(type_number).name.lower()
+            return self.ledger.add_damage(f"blob {bid.hex()[:16]}", f"is indexed as a {indexed} blob but "
+                                          f"referenced as a {btype.name.lower()} blob", [bid])
+        if self._record_needed and pack_id != self._last_needed:  # a file's chunks share packs
+            self.work.put(self.work.needed, pack_id, b"")
+            self._last_needed = pack_id
         return None
 
     def load_meta(self, bid: bytes, btype: BlobType) -> bytes:

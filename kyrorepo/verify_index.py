@@ -28,7 +28,7 @@ import lmdb
 
 from kyrorepo.format import PackEntry, PackInfo, decode_trailer, encode_trailer
 from kyrorepo.ids import ID_LEN
-from kyrorepo.index import BlobLocation, decode_location, encode_location
+from kyrorepo.index import BlobLocation, decode_location, entry_record, record_pack_type
 from kyrorepo.lmdbutil import MappedPages
 from kyrorepo.locks import pid_alive
 
@@ -103,13 +103,14 @@ class WorkIndex:
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def _tick(self) -> None:
-        self._writes += 1
+    def _tick(self, n: int = 1) -> None:
+        """Count ``n`` writes (no cursor may be used after this call)."""
+        self._writes += n
         if self._writes >= COMMIT_EVERY:
             self.txn.commit()
             self.txn = self.env.begin(write=True)
             self._writes = 0
-        self._touch()
+        self._touch(n)
 
     def _touch(self, n: int = 1) -> None:
         """Count accesses; every ``RELEASE_EVERY`` drop the mapped pages they left in our RSS.
@@ -177,19 +178,28 @@ class WorkIndex:
     def add_pack(self, segment: bytes, info: PackInfo) -> None:
         """Record one segment's listing of a pack and the location of every blob in it."""
         self.put(self.listing, info.pack_id + segment, U64.pack(info.pack_length) + encode_trailer(info.entries))
-        for e in info.entries:
-            self.add_blob(e.id, BlobLocation(info.pack_id, e.type, e.offset, e.length, e.raw_length))
-
-    def add_blob(self, bid: bytes, loc: BlobLocation) -> None:
-        if self.txn.get(bid, db=self.blobs) is None:
-            self.distinct_blobs += 1
-        self.txn.put(bid, encode_location(loc), db=self.blobs, dupdata=True)
-        self._tick()
+        entries = info.entries
+        for start in range(0, len(entries), COMMIT_EVERY):
+            cur = self.txn.cursor(db=self.blobs)
+            part = entries[start:start + COMMIT_EVERY]
+            for e in part:
+                rec = entry_record(info.pack_id, e)
+                if cur.put(e.id, rec, overwrite=False):  # the first location of this blob
+                    self.distinct_blobs += 1
+                else:
+                    cur.put(e.id, rec, dupdata=True)
+            self._tick(len(part))
 
     def location(self, bid: bytes) -> BlobLocation | None:
         """The first recorded location of a blob."""
         raw = self.get(self.blobs, bid)
         return None if raw is None else decode_location(raw)
+
+    def pack_and_type(self, bid: bytes) -> tuple[bytes, int] | None:
+        """The pack id and blob type number of a blob's first location, the rest undecoded
+        (the backup walk asks this once per chunk)."""
+        raw = self.get(self.blobs, bid)
+        return None if raw is None else record_pack_type(raw)
 
     def has_record(self, bid: bytes, record: bytes) -> bool:
         """Whether ``bid`` has this location record (laid out as the index cache's)."""
@@ -200,6 +210,12 @@ class WorkIndex:
         """(pack id, its listings) for every indexed pack, in id order."""
         for pid, group in groupby(self.scan(self.listing), key=lambda kv: kv[0][:ID_LEN]):
             yield pid, [decode_listing(k, v) for k, v in group]
+
+    def iter_listed_lengths(self) -> Iterator[tuple[bytes, list[int]]]:
+        """(pack id, the pack length each of its listings records) for every indexed pack, in id
+        order, the entries left undecoded."""
+        for pid, group in groupby(self.scan(self.listing), key=lambda kv: kv[0][:ID_LEN]):
+            yield pid, [U64.unpack_from(v)[0] for _, v in group]
 
     def job_listing(self, pack_id: bytes) -> bytes:
         """Every blob any segment lists in this pack, encoded as a trailer: the stored listing

@@ -96,19 +96,20 @@ def load_segments(repo: Repository, work: WorkIndex, ledger: DamageLedger) -> li
 def check_presence(work: WorkIndex, ledger: DamageLedger) -> None:
     """Every indexed pack exists with its recorded size; note packs no segment lists."""
     report = ledger.report
-    for pid, listings in work.iter_listings():
+    for pid, lengths in work.iter_listed_lengths():  # the entries are decoded only for damage
         report.packs += 1
         obj = f"pack {pack_name(pid)}"
         size = work.size(work.listed, pid)
         if size is None:
+            listings = work.listings(pid)
             segs = ", ".join(f"index/{s.hex()[:16]}" for s, _, _ in listings)
             ledger.add_damage(obj, f"is missing (listed by index segment {segs}): restore it from a copy",
                               [e.id for e in union_entries(listings)])
             continue
-        wrong = [n for _, n, _ in listings if n != size]
+        wrong = [n for n in lengths if n != size]
         if wrong:
             ledger.add_damage(obj, f"has {size} bytes, the index says {wrong[0]}: it is truncated or damaged",
-                              [e.id for e in union_entries(listings)])
+                              [e.id for e in union_entries(work.listings(pid))])
             continue
         report.pack_bytes += size
         work.put_size(work.ok_packs, pid, size)

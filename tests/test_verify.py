@@ -12,7 +12,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,9 @@ from kyrorepo.backends.local import LocalBackend
 from kyrorepo.cli.main import main
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
-from kyrorepo.snapshot import find_snapshot
+from kyrorepo.format import BlobType
+from kyrorepo.snapshot import find_snapshot, save_snapshot
+from kyrorepo.tree import DIR, Node, decode_tree, encode_tree
 from kyrorepo.walk import chunk_refs, find_node
 
 PASSWORD = "pw"
@@ -242,6 +244,28 @@ def test_damaged_tree_found_by_structure_check(env: Env) -> None:
     assert rc == 13
     assert "tree blob" in err
     assert "sub/" in {f["path"] for f in rep["affected_files"]}
+
+
+def test_blob_referenced_with_the_wrong_type(env: Env) -> None:
+    """A backup whose tree names a data chunk as a directory: the walk finds the type mismatch."""
+    repo = Repository.open(LocalBackend(env.repo), PASSWORD.encode(), env.cache)
+    try:
+        repo.sync_index()
+        snap = find_snapshot(repo, env.backups()[-1])
+        node = find_node(repo, snap.tree, b"a.bin")
+        assert node is not None
+        chunk = next(chunk_refs(repo, node))[0]
+        top = decode_tree(repo.load_blob(snap.tree, BlobType.TREE), "top tree")
+        top.append(Node(name=b"odd", type=DIR, subtree=chunk))
+        tid, _ = repo.add_blob(BlobType.TREE, encode_tree(top))
+        repo.flush()
+        odd = save_snapshot(repo, replace(snap, root=replace(snap.root, subtree=tid), time=snap.time + 1))
+    finally:
+        repo.close()
+    rc, rep, err = run_json("verify", *env.opts())
+    assert rc == 13
+    assert f"blob {chunk.hex()[:16]}: is indexed as a data blob but referenced as a tree blob" in err
+    assert {(f["backup"], f["path"]) for f in rep["affected_files"]} >= {(odd.id, "odd/")}
 
 
 def test_damaged_index_segment(env: Env) -> None:
