@@ -30,7 +30,7 @@ from kyrorepo.errors import IntegrityError, RefusedError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
 from kyrorepo.pack import pack_name
-from kyrorepo.procpool import Runner, WorkerContext, open_runner
+from kyrorepo.procpool import Runner, WorkerContext, open_runner, prestart, process_count, reopen_spec
 from kyrorepo.repository import Repository
 from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, write_range, write_segment
 from kyrorepo.snapshot import Snapshot
@@ -46,7 +46,7 @@ from kyrorepo.walk import chunk_refs, walk
 from kyrorepo.writer import tune_allocator
 
 __all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
-           "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
+           "is_nonempty", "plan_restore", "prestart_workers", "refuse_message", "run_restore", "write_snapshot"]
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
 MAX_GAP = 256 * 1024  # unneeded bytes a read may span to join the next blob
@@ -60,6 +60,15 @@ Progress = Callable[[int, int], None]
 
 def default_workers() -> int:
     return max(2, os.cpu_count() or 2)
+
+
+def prestart_workers(backend: Any, workers: int | None = None) -> None:
+    """Start the worker processes a restore from ``backend`` will use, before the repository
+    is opened (kyrorepo.procpool.prestart): they import while the passphrase is stretched."""
+    spec = reopen_spec(backend)
+    if spec is not None:
+        count = process_count(default_workers() if workers is None else workers)
+        prestart(count, ("kyrorepo.restore_worker", type(spec).__module__))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from kyrorepo.backends import LocalBackend, MemoryBackend
 from kyrorepo.crypto import MasterKey
 from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.keys import KdfParams
+from kyrorepo import procpool
 from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo import restore as restore_mod
@@ -212,6 +213,34 @@ def test_worker_errors_come_back_as_errors(tmp_path):
             pool.wait()
     finally:
         pool.close()
+
+
+def test_prestarted_workers_are_adopted_replaced_or_stopped(tmp_path):
+    """``prestart`` starts workers before their Setup: the next pool takes them (a dead one is
+    replaced), and those no pool took stop when the socket closes at exit."""
+    keys = MasterKey.generate().keys()
+    (tmp_path / "f").write_bytes(b"abc")
+    good = FileCheck(str(tmp_path / "f"), "f", 3, keys.blob_id(b"abc"), False)
+    setup = Setup(LocalBackend(str(tmp_path)).reopen_spec(), keys, 3)
+    procpool.prestart(2, ("kyrorepo.restore_worker",))
+    spares = [w.proc for w in procpool._SPARES]
+    assert len(spares) == 2
+    spares[0].kill()
+    spares[0].wait()
+    pool = ProcPool(setup, 2)
+    try:
+        assert spares[1] in [w.proc for w in pool._workers]  # adopted
+        assert spares[0] not in [w.proc for w in pool._workers]  # dead: replaced
+        assert procpool._SPARES == []
+        for _ in range(2):
+            pool.submit(check_file, good)
+        assert [pool.wait()[1] for _ in range(2)] == [None, None]
+    finally:
+        pool.close()
+    procpool.prestart(1)
+    left = procpool._SPARES[0].proc
+    procpool._stop_spares()  # what exit does
+    assert left.poll() == 0 and procpool._SPARES == []
 
 
 def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):

@@ -89,9 +89,12 @@ class RepoOptions:
     def password(self, confirm: bool = False) -> bytes:
         return get_password(self.password_file, self.password_command, confirm)
 
-    def open(self) -> Repository:
+    def open(self, on_backend: Callable[[Any], None] | None = None) -> Repository:
+        """Open the repository; ``on_backend(backend)`` runs before the passphrase is read and stretched."""
         backend = self.backend()
         try:
+            if on_backend is not None:
+                on_backend(backend)
             return Repository.open(backend, self.password(), self.cache_dir)
         except BaseException:
             backend.close()

@@ -10,7 +10,7 @@ import click
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, metrics_file_option, repo_options
 from kyrorepo.metrics import textfile_after_restore
 from kyrorepo.cli.progress import byte_progress
-from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
+from kyrorepo.restore import RestoreOptions, plan_restore, prestart_workers, run_restore
 from kyrorepo.snapshot import find_snapshot
 
 DRY_LIST_MAX = 50
@@ -56,7 +56,7 @@ def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None,
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
     opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
                           includes=includes)
-    repo = ropts.open()
+    repo = ropts.open(None if dry_run else lambda backend: prestart_workers(backend, opts.workers))
     try:
         with repo.lock():
             snap = find_snapshot(repo, backup_id, source)

@@ -17,6 +17,7 @@ from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option
 from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, allow_clear_from_env
 from kyrorepo.errors import KyroError, NotFoundError, UsageError
 from kyrorepo.pitr import PitrOptions, PitrResult, SourceWindow, pitr_windows, run_pitr
+from kyrorepo.restore import prestart_workers
 from kyrorepo.snapshot import iso_time, parse_time
 from kyrorepo.walcapture import (
     NO_WAL,
@@ -249,7 +250,7 @@ def restore_pitr(ropts: RepoOptions, timestamp: str, target: str, source: str | 
     """
     opts = PitrOptions(target=target, t=parse_time(timestamp), source=source,
                        allow_clear=allow_clear or allow_clear_from_env(), allow_gap=allow_gap, dry_run=dry_run)
-    repo = ropts.open()
+    repo = ropts.open(None if dry_run else prestart_workers)
     try:
         with repo.lock():
             result = run_pitr(repo, opts)
