@@ -33,6 +33,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import lmdb
 import msgpack
@@ -56,19 +57,14 @@ LOC = struct.Struct(f"<{ID_LEN}sBIII")  # a blob's location record: pack id, typ
 _PACK = struct.Struct("<QI")
 
 
-class BlobLocation(tuple):
-    """(pack_id, type, offset, length, raw_length)."""
+class BlobLocation(NamedTuple):
+    """Where a blob is: its pack, type, offset and sealed length, and its plaintext length."""
 
-    __slots__ = ()
-
-    def __new__(cls, pack_id: bytes, btype: BlobType, offset: int, length: int, raw_length: int):
-        return tuple.__new__(cls, (pack_id, btype, offset, length, raw_length))
-
-    pack_id = property(lambda self: self[0])
-    type = property(lambda self: self[1])
-    offset = property(lambda self: self[2])
-    length = property(lambda self: self[3])
-    raw_length = property(lambda self: self[4])
+    pack_id: bytes
+    type: BlobType
+    offset: int
+    length: int
+    raw_length: int
 
 
 def encode_location(loc: BlobLocation) -> bytes:
