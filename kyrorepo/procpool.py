@@ -269,41 +269,48 @@ def _spawn(env: dict[str, str], preload: tuple[str, ...] = ()) -> _Worker:
 
 
 def _start_worker(setup: Setup, env: dict[str, str]) -> _Worker:
-    """A prestarted worker (``prestart``) if one is left, else a new one; sent its ``Setup``."""
+    """A prestarted worker (``prestart``) if one with this environment is left, else a new
+    one; sent its ``Setup``."""
     while _SPARES:
-        w = _SPARES.pop()
+        w, its_env = _SPARES.pop()
+        if its_env != env:
+            _stop(w)
+            continue
         try:
             _send(w.sock, setup)
             return w
         except OSError:  # it died while it waited
-            w.sock.close()
-            _reap(w.proc)
+            _stop(w)
     w = _spawn(env)
     _send(w.sock, setup)  # small: sits in the socket buffer until the worker has started
     return w
 
 
-_SPARES: list[_Worker] = []
-_STOPPER: list[object] = []  # _stop_spares, once registered
+_SPARES: list[tuple[_Worker, dict[str, str]]] = []  # prestarted workers and their environment
+_STOPPER: list[object] = []  # stop_spares, once registered at exit
 
 
 def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:
     """Start up to ``processes`` worker processes now, before their ``Setup`` is known, so that
     their start and imports (~0.15 s) overlap what this process does before it can make a
     pool (stretching the passphrase takes ~0.25 s with the default Argon2id parameters).
-    The next ``ProcPool`` takes them; those left unused are stopped at exit."""
+    The next ``ProcPool`` takes them; ``stop_spares`` (also run at exit) stops those left."""
     if not _STOPPER:
-        _STOPPER.append(atexit.register(_stop_spares))
+        _STOPPER.append(atexit.register(stop_spares))
     env = _worker_env()
     while len(_SPARES) < processes:
-        _SPARES.append(_spawn(env, preload))
+        _SPARES.append((_spawn(env, preload), env))
 
 
-def _stop_spares() -> None:
+def stop_spares() -> None:
+    """Stop the prestarted workers no pool took (the command failed or was refused first)."""
     while _SPARES:
-        w = _SPARES.pop()
-        w.sock.close()  # the worker sees the socket close and exits
-        _reap(w.proc)
+        _stop(_SPARES.pop()[0])
+
+
+def _stop(w: _Worker) -> None:
+    w.sock.close()  # the worker sees the socket close and exits
+    _reap(w.proc)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int:

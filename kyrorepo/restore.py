@@ -62,13 +62,13 @@ def default_workers() -> int:
     return max(2, os.cpu_count() or 2)
 
 
-def prestart_workers(backend: Any, workers: int | None = None) -> None:
+def prestart_workers(backend: Any, workers: int) -> None:
     """Start the worker processes a restore from ``backend`` will use, before the repository
-    is opened (kyrorepo.procpool.prestart): they import while the passphrase is stretched."""
+    is opened (kyrorepo.procpool.prestart): they import while the passphrase is stretched.
+    The caller stops those no pool took (``procpool.stop_spares``) when it is done."""
     spec = reopen_spec(backend)
     if spec is not None:
-        count = process_count(default_workers() if workers is None else workers)
-        prestart(count, ("kyrorepo.restore_worker", type(spec).__module__))
+        prestart(process_count(workers), ("kyrorepo.restore_worker", type(spec).__module__))
 
 
 @dataclass

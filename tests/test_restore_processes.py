@@ -17,6 +17,7 @@ from kyrorepo.crypto import MasterKey
 from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.keys import KdfParams
 from kyrorepo import procpool
+from kyrorepo.cli.main import main
 from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo import restore as restore_mod
@@ -223,7 +224,7 @@ def test_prestarted_workers_are_adopted_replaced_or_stopped(tmp_path):
     good = FileCheck(str(tmp_path / "f"), "f", 3, keys.blob_id(b"abc"), False)
     setup = Setup(LocalBackend(str(tmp_path)).reopen_spec(), keys, 3)
     procpool.prestart(2, ("kyrorepo.restore_worker",))
-    spares = [w.proc for w in procpool._SPARES]
+    spares = [w.proc for w, _ in procpool._SPARES]
     assert len(spares) == 2
     spares[0].kill()
     spares[0].wait()
@@ -238,9 +239,33 @@ def test_prestarted_workers_are_adopted_replaced_or_stopped(tmp_path):
     finally:
         pool.close()
     procpool.prestart(1)
-    left = procpool._SPARES[0].proc
-    procpool._stop_spares()  # what exit does
+    left = procpool._SPARES[0][0].proc
+    procpool.stop_spares()  # what restore does on its way out, and exit
     assert left.poll() == 0 and procpool._SPARES == []
+
+
+def test_refused_restore_stops_its_prestarted_workers(backed_up, tmp_path, monkeypatch):
+    """restore starts its workers before it opens the repository; refused (non-empty target,
+    no --allow-clear), it stops them before it returns, and leaves the target alone."""
+    cli, _ = backed_up
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    monkeypatch.setenv("KYROREPO_PASSWORD", "test-pass")
+    monkeypatch.delenv("BACKUP_ALLOW_CLEAR", raising=False)
+    started: list[object] = []
+
+    def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:
+        procpool.prestart(processes, preload)
+        started.extend(w.proc for w, _ in procpool._SPARES)
+
+    monkeypatch.setattr(restore_mod, "prestart", prestart)
+    rc = main(["restore", "--repo", cli.repo, "--cache-dir", cli.cache, "--backup-id", "latest",
+               "--data-dir", str(target)])
+    assert rc == 15
+    assert started and all(p.poll() is not None for p in started)
+    assert procpool._SPARES == []
+    assert [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "mine"
 
 
 def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):

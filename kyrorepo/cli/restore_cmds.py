@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import click
 
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, metrics_file_option, repo_options
 from kyrorepo.metrics import textfile_after_restore
+from kyrorepo.procpool import stop_spares
 from kyrorepo.cli.progress import byte_progress
+from kyrorepo.repository import Repository
 from kyrorepo.restore import RestoreOptions, plan_restore, prestart_workers, run_restore
 from kyrorepo.snapshot import find_snapshot
 
 DRY_LIST_MAX = 50
+
+
+@contextlib.contextmanager
+def opened_for_restore(ropts: RepoOptions, workers: int | None) -> Iterator[Repository]:
+    """The repository, opened after the restore's worker processes were started (unless
+    ``workers`` is None: nothing will be written), and closed; prestarted workers no pool
+    took (the restore was refused or failed first) are stopped on the way out."""
+    try:
+        repo = ropts.open(None if workers is None else lambda backend: prestart_workers(backend, workers))
+        try:
+            yield repo
+        finally:
+            repo.close()
+    finally:
+        stop_spares()
 
 
 def allow_clear_from_env() -> bool:
@@ -56,19 +75,15 @@ def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None,
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
     opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
                           includes=includes)
-    repo = ropts.open(None if dry_run else lambda backend: prestart_workers(backend, opts.workers))
-    try:
-        with repo.lock():
-            snap = find_snapshot(repo, backup_id, source)
-            repo.sync_index()
-            if dry_run:
-                print_plan(plan_restore(repo, snap, opts), snap.id, as_json)
-                return
-            with byte_progress("restore", snap.stats.get("logical_bytes") or None) as progress:
-                opts.progress = progress
-                result = run_restore(repo, snap, opts)
-    finally:
-        repo.close()
+    with opened_for_restore(ropts, None if dry_run else opts.workers) as repo, repo.lock():
+        snap = find_snapshot(repo, backup_id, source)
+        repo.sync_index()
+        if dry_run:
+            print_plan(plan_restore(repo, snap, opts), snap.id, as_json)
+            return
+        with byte_progress("restore", snap.stats.get("logical_bytes") or None) as progress:
+            opts.progress = progress
+            result = run_restore(repo, snap, opts)
     if metrics_file:
         textfile_after_restore(metrics_file, result.bytes, int(time.time()))
     if as_json:
