@@ -27,6 +27,10 @@ MAX_BLOB = 64 * 1024 * 1024
 DICT_DIR = "dicts"
 
 
+def _id_mismatch(what: str) -> IntegrityError:
+    return IntegrityError(f"{what}: content does not match its id")
+
+
 def codec_for(backend: object, keys: BlobKeys, level: int) -> "BlobCodec":
     """The codec of a repository opened on ``backend``: what ``Repository`` uses, and what a
     worker process that reopened the backend itself must use to open the same blobs."""
@@ -143,16 +147,8 @@ class BlobCodec:
         """
         if self.level <= 0 or not len(data):
             return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
-        did = self.dicts.current() if btype == BlobType.DATA and self.dicts is not None else None
-        if did is not None:
-            packed = self._dict_zc(did).compress(data)
-            if len(packed) + ID_LEN < len(data):
-                return self.keys.seal(btype, bid, b"".join((b"\x02", did, packed)))
-        else:
-            packed = self._zc().compress(data)
-            if len(packed) < len(data):
-                return self.keys.seal(btype, bid, b"".join((b"\x01", packed)))
-        return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
+        did, zc = self._compressor(btype)
+        return self._seal_smaller(btype, bid, data, did, zc.compress(data))
 
     def encode_many(self, btype: BlobType, items: list[tuple[bytes, bytes]]) -> list[bytes]:
         """``encode`` of each (id, data) in ``items``: the same sealed blobs, but zstd compresses
@@ -160,20 +156,26 @@ class BlobCodec:
         hand-back of the GIL waits for the other threads of the pipeline)."""
         if self.level <= 0 or len(items) < 2 or not all(len(d) for _, d in items):
             return [self.encode(btype, bid, d) for bid, d in items]
-        did = self.dicts.current() if btype == BlobType.DATA and self.dicts is not None else None
-        zc = self._dict_zc(did) if did is not None else self._zc()
+        did, zc = self._compressor(btype)
         packed = zc.multi_compress_to_buffer([d for _, d in items], threads=1)
-        seal = self.keys.seal
-        out = []
-        for i, (bid, data) in enumerate(items):
-            p = memoryview(packed[i])  # type: ignore[arg-type]  # a BufferSegment is a buffer
-            if did is not None and len(p) + ID_LEN < len(data):
-                out.append(seal(btype, bid, b"".join((b"\x02", did, p))))
-            elif did is None and len(p) < len(data):
-                out.append(seal(btype, bid, b"".join((b"\x01", p))))
-            else:
-                out.append(seal(btype, bid, b"".join((b"\x00", data))))
-        return out
+        return [self._seal_smaller(btype, bid, data, did, memoryview(packed[i]))  # type: ignore[arg-type]
+                for i, (bid, data) in enumerate(items)]  # a BufferSegment is a buffer
+
+    def _compressor(self, btype: BlobType) -> tuple[bytes | None, zstandard.ZstdCompressor]:
+        """The dictionary new blobs of ``btype`` are compressed with (DATA only; None: none) and
+        this thread's compressor for it."""
+        did = self.dicts.current() if btype == BlobType.DATA and self.dicts is not None else None
+        return did, self._dict_zc(did) if did is not None else self._zc()
+
+    def _seal_smaller(self, btype: BlobType, bid: bytes, data: bytes | memoryview, did: bytes | None,
+                      frame: bytes | memoryview) -> bytes:
+        """Seal ``data`` as its zstd ``frame`` (compressed with dictionary ``did``, or none) when that
+        body is smaller, else raw (docs/format.md, "Plaintext body")."""
+        if did is not None and len(frame) + ID_LEN < len(data):
+            return self.keys.seal(btype, bid, b"".join((b"\x02", did, frame)))
+        if did is None and len(frame) < len(data):
+            return self.keys.seal(btype, bid, b"".join((b"\x01", frame)))
+        return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
 
     def decode(self, btype: BlobType, bid: bytes, sealed: bytes | memoryview, what: str, check_id: bool = True) -> bytes:
         """Open, decompress and (by default) re-hash a sealed blob."""
@@ -224,8 +226,7 @@ class BlobCodec:
                 continue
             for k, (i, _) in enumerate(group):
                 data = memoryview(plain[k])  # type: ignore[arg-type]  # a BufferSegment is a buffer
-                out[i] = data if id_of(data) == items[i][0] else \
-                    IntegrityError(f"{what(i)}: content does not match its id")
+                out[i] = data if id_of(data) == items[i][0] else _id_mismatch(what(i))
         return out
 
     @staticmethod
@@ -252,7 +253,7 @@ class BlobCodec:
 
     def _checked(self, bid: bytes, data: bytes, what: str) -> bytes:
         if self.keys.blob_id(data) != bid:
-            raise IntegrityError(f"{what}: content does not match its id")
+            raise _id_mismatch(what)
         return data
 
     def _decompress_with(self, did: bytes, frame: memoryview, what: str) -> bytes:
