@@ -67,19 +67,15 @@ class BlobLocation(NamedTuple):
     raw_length: int
 
 
-def encode_location(loc: BlobLocation) -> bytes:
-    """A location record (``LOC``): the layout of the cache's ``blobs`` values, and of verify's
-    work index, which is compared with the cache record for record."""
-    return LOC.pack(*loc)  # (pack id, type, offset, length, raw length), LOC's order
-
-
 def decode_location(raw: bytes | memoryview) -> BlobLocation:
     pid, bt, off, ln, rl = LOC.unpack(raw)
     return BlobLocation(pid, blob_type(bt), off, ln, rl)
 
 
 def entry_record(pack_id: bytes, e: PackEntry) -> bytes:
-    """The location record (``LOC``) of pack entry ``e`` of pack ``pack_id``."""
+    """The location record (``LOC``) of pack entry ``e`` of pack ``pack_id``: the layout of the
+    cache's ``blobs`` values, and of verify's work index, which is compared with the cache
+    record for record."""
     return LOC.pack(pack_id, e.type, e.offset, e.length, e.raw_length)
 
 

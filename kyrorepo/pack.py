@@ -54,7 +54,7 @@ class PackBuffers:
     project machine, where touching memory a process has not used before is expensive).
     A buffer is a private anonymous mapping: its pages are touched only as a pack fills
     them, it is given back to the system as soon as it is dropped (glibc's heap would
-    keep it, fragmented, see ``writer.tune_allocator``), and a ``PackBuilder`` takes
+    keep it, fragmented, see ``restore.tune_allocator``), and a ``PackBuilder`` takes
     one when its first blob arrives and gives it back once its pack is saved or dropped.
     One pack being filled while the one before is saved is the steady state of the
     backup pipeline: the saved pack's buffer is idle by the time the next pack starts,

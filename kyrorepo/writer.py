@@ -26,9 +26,7 @@ error is raised to the next caller that adds or flushes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,35 +44,7 @@ PACK_SLACK = 1024 * 1024  # room past the pack size for the blob that fills it, 
 PACK_BUFFERS = 2
 UPLOAD_QUEUE = 0  # full packs waiting for the upload thread, besides the one it is saving
 
-# glibc mallopt parameter (malloc.h) and the value set by ``tune_allocator``.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1024 * 1024
-ALLOCATOR_SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),)
-
 SealedItem = tuple[bytes, bytes, int]  # (blob id, sealed blob, raw length)
-
-
-def tune_allocator() -> None:
-    """Have glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more on its own.
-
-    By default glibc raises its mmap threshold to the largest block freed so far (up to
-    32 MiB), so blocks of several MiB allocated and freed over and over (restore's
-    ranges; the backup's 16 MiB pack buffers, before they were reused mappings of their
-    own, ``pack.PackBuffers``) come from per-thread heaps that fragment and are not
-    given back: a 1 GiB backup through the CLI peaked at about 200 MiB RSS. A fixed
-    threshold bounds that, at the price of mapping and faulting in every such block
-    afresh. The backup no longer calls it: with its pack buffers reused, the threshold
-    only made its other large blocks (zstd's work space among them) fault in afresh,
-    88-112k page faults per 1 GiB backup instead of 29-38k, for the same peak RSS
-    (docs/performance.md, "Memory").
-    Process-wide and idempotent. Does nothing without glibc's ``mallopt``.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        mallopt = ctypes.CDLL(None).mallopt
-        for param, value in ALLOCATOR_SETTINGS:
-            mallopt(param, value)
 
 
 @dataclass
