@@ -42,6 +42,7 @@ def lmdb_file_intact(path: str) -> bool:
 
 
 _MADV_DONTNEED = 4  # Linux
+SMALL_FILE = 16 * 1024 * 1024  # a file this small is left mapped: it cannot add more RSS than its size
 _madvise: Callable[..., int] | None = None
 
 
@@ -82,6 +83,11 @@ class MappedPages:
     the page cache, the next access maps them again, LMDB's readers (and a write
     transaction, which never writes through the map) see the same bytes.
 
+    A file of at most ``SMALL_FILE`` bytes is left mapped (the index of a repository of
+    up to about 2 GiB): its pages cannot add more RSS than that, and dropping them every
+    few dozen lookups made each lookup fault them in again (27,000 lookups of a restore
+    took 0.15 s instead of 0.05 s).
+
     ``release`` is called every few dozen lookups, so it must be cheap: the address
     range is found once in /proc/self/maps, then only checked with a readlink of
     /proc/self/map_files (is that exact range still a mapping of this file?) before
@@ -104,6 +110,11 @@ class MappedPages:
     def release(self) -> None:
         madvise = _libc_madvise()
         if madvise is None:
+            return
+        try:
+            if os.stat(self.target).st_size <= SMALL_FILE:
+                return
+        except OSError:
             return
         if not self._still_mapped():
             self._ranges = _mappings_of(self.target)

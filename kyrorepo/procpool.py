@@ -302,6 +302,15 @@ def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:
         _SPARES.append((_spawn(env, preload), env))
 
 
+def prestart_for(backend: Any, workers: int, task_module: str) -> None:
+    """``prestart`` the worker processes ``open_runner(repo, workers)`` will want for a repository
+    on ``backend`` (none when its tasks will run on threads), importing ``task_module`` and the
+    backend's module. The caller runs ``stop_spares`` when it is done."""
+    spec = reopen_spec(backend)
+    if spec is not None:
+        prestart(process_count(workers), (task_module, type(spec).__module__))
+
+
 def stop_spares() -> None:
     """Stop the prestarted workers no pool took (the command failed or was refused first)."""
     while _SPARES:

@@ -32,7 +32,7 @@ from kyrorepo.errors import IntegrityError, RefusedError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
 from kyrorepo.pack import pack_name
-from kyrorepo.procpool import Runner, WorkerContext, open_runner, prestart, process_count, reopen_spec
+from kyrorepo.procpool import Runner, WorkerContext, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, write_range, write_segment
 from kyrorepo.snapshot import Snapshot
@@ -47,7 +47,7 @@ from kyrorepo.tree import DIR, FILE, SYMLINK, Node, Ref
 from kyrorepo.walk import chunk_refs, walk
 
 __all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
-           "is_nonempty", "plan_restore", "prestart_workers", "refuse_message", "run_restore", "write_snapshot"]
+           "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
 MAX_GAP = 256 * 1024  # unneeded bytes a read may span to join the next blob
@@ -89,15 +89,6 @@ def tune_allocator() -> None:
 
 def default_workers() -> int:
     return max(2, os.cpu_count() or 2)
-
-
-def prestart_workers(backend: Any, workers: int) -> None:
-    """Start the worker processes a restore from ``backend`` will use, before the repository
-    is opened (kyrorepo.procpool.prestart): they import while the passphrase is stretched.
-    The caller stops those no pool took (``procpool.stop_spares``) when it is done."""
-    spec = reopen_spec(backend)
-    if spec is not None:
-        prestart(process_count(workers), ("kyrorepo.restore_worker", type(spec).__module__))
 
 
 @dataclass

@@ -34,7 +34,6 @@ from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.verify_backups import BackupChecker
-from kyrorepo.verify_captures import check_captures
 from kyrorepo.verify_data import (
     PackResult,
     Subset,
@@ -47,8 +46,7 @@ from kyrorepo.verify_data import (
     subset_packs,
 )
 from kyrorepo.verify_index import WorkIndex
-from kyrorepo.verify_report import DamageLedger, VerifyReport
-from kyrorepo.verify_restore import RestoreDrill, restore_and_compare
+from kyrorepo.verify_report import DamageLedger, RestoreDrill, VerifyReport
 from kyrorepo.verify_structure import (
     check_cache,
     check_dictionaries,
@@ -147,6 +145,8 @@ class Verifier:
         if self.ledger.new_blob_damage:
             self.backups.reattribute(self.snapshots)
         if not self.opts.backup_ids:
+            from kyrorepo.verify_captures import check_captures  # imported here: it brings the WAL modules
+
             n = check_captures(self.repo, self.backups, self.ledger)
             if n:
                 self.report.notices.append(f"{n} WAL capture(s) checked")
@@ -238,6 +238,8 @@ class Verifier:
         return [s for s in self.snapshots if s.id in set(self.backups.latest([x.id for x in self.snapshots]))]
 
     def drill(self, snap: Snapshot) -> RestoreDrill:
+        from kyrorepo.verify_restore import restore_and_compare  # imported here: it brings restore's modules
+
         obj = f"backup {snap.short_id}"
         try:
             result, problems = restore_and_compare(self.repo, snap, self.opts.workers, self.opts.restore_dir)

@@ -119,10 +119,30 @@ class BackupChecker:
             indexed = blob_type(type_number).name.lower()
             return self.ledger.add_damage(f"blob {bid.hex()[:16]}", f"is indexed as a {indexed} blob but "
                                           f"referenced as a {btype.name.lower()} blob", [bid])
-        if self._record_needed and pack_id != self._last_needed:  # a file's chunks share packs
+        self._need(pack_id)
+        return None
+
+    def _need(self, pack_id: bytes) -> None:
+        """Record that the chosen backups need ``pack_id`` (a file's chunks share packs)."""
+        if self._record_needed and pack_id != self._last_needed:
             self.work.put(self.work.needed, pack_id, b"")
             self._last_needed = pack_id
-        return None
+
+    def chunks_damage(self, bids: list[bytes]) -> int | None:
+        """``ref_damage`` of every data chunk in ``bids`` (each damaged one is recorded): the first
+        damage, or None. While no damage is known, the chunks are looked up together and only
+        those not indexed as data chunks take ``ref_damage``'s way (which records them)."""
+        if self.work.any_damage:
+            damage = [self.ref_damage(bid, BlobType.DATA) for bid in bids]
+            return next((i for i in damage if i is not None), None)
+        first = None
+        for bid, found in zip(bids, self.work.packs_and_types(bids)):
+            if found is not None and found[1] == BlobType.DATA:
+                self._need(found[0])
+                continue
+            idx = self.ref_damage(bid, BlobType.DATA)
+            first = idx if first is None else first
+        return first
 
     def load_meta(self, bid: bytes, btype: BlobType) -> bytes:
         """Load a tree or content-list blob through verify's own index; raise Lost."""
@@ -177,8 +197,7 @@ class BackupChecker:
     def file_damage(self, node: Node) -> int | None:
         """The damage the first unreadable part of a file belongs to, or None."""
         if node.chunks is not None:
-            found = [self.ref_damage(bid, BlobType.DATA) for bid, _ in node.chunks]
-            return next((i for i in found if i is not None), None)
+            return self.chunks_damage([bid for bid, _ in node.chunks])
         if node.content is None:
             return None
         key = b"c" + node.content[0]
@@ -200,6 +219,7 @@ class BackupChecker:
             return self.ledger.add_damage(what, reason_of(exc, what), [bid])
         if got != level:
             return self.ledger.add_damage(what, f"is level {got}, expected {level}", [bid])
-        found = [self.ref_damage(c, BlobType.DATA) if level == 0 else self.content_damage(c, level - 1)
-                 for c, _ in refs]
+        if level == 0:
+            return self.chunks_damage([c for c, _ in refs])
+        found = [self.content_damage(c, level - 1) for c, _ in refs]
         return next((i for i in found if i is not None), None)

@@ -201,6 +201,14 @@ class WorkIndex:
         raw = self.get(self.blobs, bid)
         return None if raw is None else record_pack_type(raw)
 
+    def packs_and_types(self, bids: list[bytes]) -> list[tuple[bytes, int] | None]:
+        """``pack_and_type`` of each blob, looked up together (the backup walk asks this for all
+        the chunks of a file or content list at once)."""
+        get, db = self.txn.get, self.blobs
+        raws = [get(b, db=db) for b in bids]
+        self._touch(len(bids))
+        return [None if raw is None else record_pack_type(raw) for raw in raws]
+
     def has_record(self, bid: bytes, record: bytes) -> bool:
         """Whether ``bid`` has this location record (laid out as the index cache's)."""
         self._touch()

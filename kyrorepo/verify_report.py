@@ -14,9 +14,19 @@ from typing import Iterable
 from kyrorepo.audit_log import DamageNote
 from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.verify_index import WorkIndex
-from kyrorepo.verify_restore import RestoreDrill
 
 FILES_CAP = 1000  # affected files listed per damaged object (and remembered per tree)
+
+
+@dataclass(frozen=True)
+class RestoreDrill:
+    """What the restore drill of one backup found (kyrorepo.verify_restore)."""
+
+    backup_id: str
+    files: int
+    bytes: int
+    ok: bool
+    error: str = ""
 
 
 @dataclass

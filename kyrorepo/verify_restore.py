@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 from kyrorepo.repository import Repository
 from kyrorepo.restore import RestoreOptions, RestoreResult, run_restore
@@ -23,15 +22,6 @@ READ_BLOCK = 1024 * 1024
 TEMP_PREFIX = "kyrorepo-restore-test-"
 
 Problem = tuple[str, str]  # (path, what is wrong with it)
-
-
-@dataclass(frozen=True)
-class RestoreDrill:
-    backup_id: str
-    files: int
-    bytes: int
-    ok: bool
-    error: str = ""
 
 
 def compare_restored(repo: Repository, snap: Snapshot, target: str) -> list[Problem]:

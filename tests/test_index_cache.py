@@ -8,15 +8,19 @@ claims the blobs of a segment it does not know.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from kyrorepo import index
 from kyrorepo.format import BlobType, PackEntry, PackInfo
 from kyrorepo.index import IndexCache
+from kyrorepo.lmdbutil import SMALL_FILE, MappedPages
 
 PACK_LEN = 16 << 20
 
@@ -107,3 +111,35 @@ def test_a_half_added_segment_gone_from_the_repository_makes_the_cache_rebuild(t
     assert not any(cache.has(bid) for bid in stale)
     assert all(cache.has(bid) for bid in all_ids(kept))
     assert cache.segment_names() == {"seg0"} and cache.loading_names() == set()
+
+
+def _resident_kib(path: str) -> int:
+    """KiB of this process's mappings of ``path`` that are resident (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = len(head) == 6 and head[5] == path
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise of file mappings: Linux only")
+@pytest.mark.parametrize("mib, dropped", [(4, False), (24, True)])
+def test_mapped_pages_are_dropped_only_from_large_files(tmp_path, mib, dropped):
+    """``MappedPages.release`` drops a large file's touched pages from this process's RSS; a file
+    of at most ``SMALL_FILE`` bytes stays mapped (it cannot add more than its size)."""
+    assert ((mib << 20) > SMALL_FILE) == dropped
+    path = str(tmp_path / "mapped")
+    with open(path, "wb") as f:
+        f.write(os.urandom(mib << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert sum(m[i] for i in range(0, len(m), 4096)) >= 0  # touch every page
+        before = _resident_kib(path)
+        MappedPages(path).release()
+        after = _resident_kib(path)
+        assert m[len(m) - 1] == m[len(m) - 1]  # the bytes are still there
+    assert before >= (mib << 10) * 3 // 4
+    assert (after < before // 8) if dropped else (after == before)

@@ -244,6 +244,42 @@ def test_prestarted_workers_are_adopted_replaced_or_stopped(tmp_path):
     assert left.poll() == 0 and procpool._SPARES == []
 
 
+def record_prestarts(monkeypatch) -> list[tuple[object, tuple[str, ...]]]:
+    """(process, preloaded modules) of every worker ``procpool.prestart`` starts from now on."""
+    real = procpool.prestart
+    started: list[tuple[object, tuple[str, ...]]] = []
+
+    def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:
+        real(processes, preload)
+        started.extend((w.proc, preload) for w, _ in procpool._SPARES)
+
+    monkeypatch.setattr(procpool, "prestart", prestart)
+    return started
+
+
+def test_full_check_adopts_the_workers_it_prestarted(backed_up, monkeypatch):
+    """verify --full-scan starts its workers (importing the pack checker) before it opens the
+    repository, and its pool adopts them; a structure-only verify starts none."""
+    cli, _ = backed_up
+    monkeypatch.setenv("KYROREPO_PASSWORD", "test-pass")
+    started = record_prestarts(monkeypatch)
+    pooled: list[object] = []
+    real_init = ProcPool.__init__
+
+    def init(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        real_init(self, *args, **kwargs)
+        pooled.extend(w.proc for w in self._workers)
+
+    monkeypatch.setattr(ProcPool, "__init__", init)
+    args = ["verify", "--repo", cli.repo, "--cache-dir", cli.cache, "--workers", "2"]
+    assert main(args) == 0
+    assert started == [] and pooled == []
+    assert main([*args, "--full-scan"]) == 0
+    assert len(started) == procpool.process_count(2) and all("kyrorepo.verify_pack" in preload for _, preload in started)
+    assert {p for p, _ in started} == set(pooled)
+    assert all(p.poll() is not None for p, _ in started) and procpool._SPARES == []
+
+
 def test_refused_restore_stops_its_prestarted_workers(backed_up, tmp_path, monkeypatch):
     """restore starts its workers before it opens the repository; refused (non-empty target,
     no --allow-clear), it stops them before it returns, and leaves the target alone."""
@@ -253,17 +289,11 @@ def test_refused_restore_stops_its_prestarted_workers(backed_up, tmp_path, monke
     (target / "keep").write_text("mine")
     monkeypatch.setenv("KYROREPO_PASSWORD", "test-pass")
     monkeypatch.delenv("BACKUP_ALLOW_CLEAR", raising=False)
-    started: list[object] = []
-
-    def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:
-        procpool.prestart(processes, preload)
-        started.extend(w.proc for w, _ in procpool._SPARES)
-
-    monkeypatch.setattr(restore_mod, "prestart", prestart)
+    started = record_prestarts(monkeypatch)
     rc = main(["restore", "--repo", cli.repo, "--cache-dir", cli.cache, "--backup-id", "latest",
                "--data-dir", str(target)])
     assert rc == 15
-    assert started and all(p.poll() is not None for p in started)
+    assert started and all(p.poll() is not None for p, _ in started)
     assert procpool._SPARES == []
     assert [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "mine"
 

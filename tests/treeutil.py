@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 
-def snapshot_tree(root: str, mtimes: bool = True) -> dict:
+def snapshot_tree(root: str, mtimes: bool = True) -> dict[bytes, tuple[Any, ...]]:
     """path -> (kind, mode, content or target, mtime_ns, inode group) for every entry below root."""
-    out = {}
-    inodes: dict[int, str] = {}
+    out: dict[bytes, tuple[Any, ...]] = {}
+    inodes: dict[int, bytes] = {}
     for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
         dirnames.sort()  # a hard link group is named by its first path: the same in both trees
         for name in dirnames + sorted(filenames):

@@ -5,11 +5,13 @@ CLI modules parse arguments and format output only; the work is done by library 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import click
@@ -99,6 +101,25 @@ class RepoOptions:
         except BaseException:
             backend.close()
             raise
+
+
+@contextlib.contextmanager
+def opened_with_workers(ropts: RepoOptions, workers: int | None, task_module: str) -> Iterator[Repository]:
+    """The repository, opened after the worker processes of a command that reads many blobs were
+    started (``kyrorepo.procpool.prestart_for``: they import ``task_module`` while the passphrase
+    is stretched; none when ``workers`` is None), and closed; prestarted workers no pool took
+    (the command was refused or failed first) are stopped on the way out."""
+    from kyrorepo import procpool
+
+    try:
+        repo = ropts.open(None if workers is None else
+                          lambda backend: procpool.prestart_for(backend, workers, task_module))
+        try:
+            yield repo
+        finally:
+            repo.close()
+    finally:
+        procpool.stop_spares()
 
 
 def get_password(password_file: str | None, password_command: str | None, confirm: bool = False) -> bytes:

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
 
 import click
 
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, metrics_file_option, repo_options
+from kyrorepo.cli.common import (
+    RepoOptions,
+    emit_json,
+    human_bytes,
+    json_option,
+    metrics_file_option,
+    opened_with_workers,
+    repo_options,
+)
 from kyrorepo.metrics import textfile_after_restore
-from kyrorepo.procpool import stop_spares
 from kyrorepo.cli.progress import byte_progress
-from kyrorepo.repository import Repository
-from kyrorepo.restore import RestoreOptions, plan_restore, prestart_workers, run_restore
+from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
 from kyrorepo.snapshot import find_snapshot
 
 DRY_LIST_MAX = 50
-
-
-@contextlib.contextmanager
-def opened_for_restore(ropts: RepoOptions, workers: int | None) -> Iterator[Repository]:
-    """The repository, opened after the restore's worker processes were started (unless
-    ``workers`` is None: nothing will be written), and closed; prestarted workers no pool
-    took (the restore was refused or failed first) are stopped on the way out."""
-    try:
-        repo = ropts.open(None if workers is None else lambda backend: prestart_workers(backend, workers))
-        try:
-            yield repo
-        finally:
-            repo.close()
-    finally:
-        stop_spares()
+RESTORE_TASKS = "kyrorepo.restore_worker"  # what restore's worker processes run
 
 
 def allow_clear_from_env() -> bool:
@@ -75,7 +65,7 @@ def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None,
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
     opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
                           includes=includes)
-    with opened_for_restore(ropts, None if dry_run else opts.workers) as repo, repo.lock():
+    with opened_with_workers(ropts, None if dry_run else opts.workers, RESTORE_TASKS) as repo, repo.lock():
         snap = find_snapshot(repo, backup_id, source)
         repo.sync_index()
         if dry_run:

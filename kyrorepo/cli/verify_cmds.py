@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options, warn
+from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repair import IndexRepair, SnapshotRepair, repair_index, repair_snapshots
@@ -110,14 +110,11 @@ def verify(ropts: RepoOptions, backup_ids: tuple[str, ...], source: str | None, 
     opts = VerifyOptions(backup_ids=backup_ids, source=source, full_scan=full_scan,
                          subset=parse_subset(subset) if subset else None, resume=resume, restore_test=restore_test,
                          restore_dir=restore_dir, workers=workers).validate()
-    repo = ropts.open()
-    try:
-        with repo.lock():
-            with byte_progress("verify", None) as progress:
-                opts.progress = progress
-                report = run_verify(repo, opts)
-    finally:
-        repo.close()
+    reads_data = opts.full_scan or opts.subset is not None
+    with opened_with_workers(ropts, workers if reads_data else None, "kyrorepo.verify_pack") as repo, repo.lock():
+        with byte_progress("verify", None) as progress:
+            opts.progress = progress
+            report = run_verify(repo, opts)
     if as_json:
         emit_json(report_json(report))
     else:

@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from kyrorepo.backup import default_source
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options, warn
-from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, allow_clear_from_env, opened_for_restore
+from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
+from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, RESTORE_TASKS, allow_clear_from_env
 from kyrorepo.errors import KyroError, NotFoundError, UsageError
 from kyrorepo.pitr import PitrOptions, PitrResult, SourceWindow, pitr_windows, run_pitr
 from kyrorepo.restore import default_workers
@@ -250,7 +250,7 @@ def restore_pitr(ropts: RepoOptions, timestamp: str, target: str, source: str | 
     """
     opts = PitrOptions(target=target, t=parse_time(timestamp), source=source,
                        allow_clear=allow_clear or allow_clear_from_env(), allow_gap=allow_gap, dry_run=dry_run)
-    with opened_for_restore(ropts, None if dry_run else default_workers()) as repo, repo.lock():
+    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS) as repo, repo.lock():
         result = run_pitr(repo, opts)
     for w in result.warnings:
         warn(w)
