@@ -20,8 +20,8 @@ worker stops when its socket closes: when the parent closes the pool, fails, or 
 (even by SIGKILL), so no worker outlives it by more than the task it is running. Workers
 ignore SIGINT: on Ctrl-C the parent unwinds and closes the pool.
 
-``prestart`` starts workers before their ``Setup`` is known (restore does it before the
-passphrase is stretched); the next ``ProcPool`` adopts them.
+``prestart`` starts workers before their ``Setup`` is known (restore and the data check
+do it before the passphrase is stretched); the next ``ProcPool`` adopts them.
 
 A worker imports only what opening blobs needs (``kyrorepo.blob``, the local backend,
 the task's module): check with ``python -X importtime``.
