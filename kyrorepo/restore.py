@@ -46,7 +46,7 @@ from kyrorepo.staging import (
 from kyrorepo.tree import DIR, FILE, SYMLINK, Node, Ref
 from kyrorepo.walk import chunk_refs, walk
 
-__all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
+__all__ = ["RESTORE_TASKS", "STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
            "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
@@ -55,6 +55,7 @@ SEGMENT_MAX = 256 * 1024 * 1024  # bytes of a large file one worker writes (and 
 MAX_FILES_AHEAD = 4096  # files planned but not yet written, checked and finished
 LOOKUP_BATCH = 256  # chunk ids looked up in one index transaction
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+RESTORE_TASKS = write_range.__module__  # what restore's worker processes import (procpool.prestart_for)
 
 Progress = Callable[[int, int], None]
 

@@ -59,14 +59,19 @@ class FileCheck:
         if size != self.size or digest != self.digest:
             raise mismatch(self.shown)
 
-    def make_durable(self) -> None:
-        """fsync the file when the platform has no ``syncfs`` (``fsync``), from a new descriptor."""
-        if self.fsync:
-            fd = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def make_durable(self, fd: int | None = None) -> None:
+        """fsync the file when the platform has no ``syncfs`` (``fsync``): through ``fd``, a
+        descriptor of it the caller holds, else a new one."""
+        if not self.fsync:
+            return
+        if fd is not None:
+            os.fsync(fd)
+            return
+        fd = os.open(self.dest, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,7 @@ def write_segment(ctx: WorkerContext, task: SegmentTask) -> int:
         check = task.check
         if check is not None and hasher is not None:
             check.confirm(written, hasher.digest())
-            if check.fsync:
-                os.fsync(_descriptor(task.ranges[0], fds, 0))
+            check.make_durable(_descriptor(task.ranges[0], fds, 0))
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -240,8 +244,7 @@ def _check_whole_files(ctx: WorkerContext, task: RangeTask, plains: list[bytes],
         check = task.files[fi][2]
         assert check is not None
         check.confirm(sizes[fi], h.digest())
-        if check.fsync:
-            os.fsync(_descriptor(task, fds, fi))
+        check.make_durable(_descriptor(task, fds, fi))
 
 
 def check_file(ctx: WorkerContext, check: FileCheck) -> None:

@@ -85,6 +85,12 @@ class VerifyOptions:
         return self
 
     @property
+    def reads_data(self) -> bool:
+        """Whether packs are read (a full scan or a subset audit), by worker processes when the
+        backend can be reopened in them."""
+        return self.full_scan or self.subset is not None
+
+    @property
     def mode(self) -> str:
         return "full-scan" if self.full_scan else "subset" if self.subset is not None else "structure"
 
@@ -103,7 +109,7 @@ class Verifier:
         self.pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="verify")
         self.window = 2 * opts.workers
         self.runner: Runner | None = None
-        if self.opts.full_scan or self.opts.subset is not None:
+        if self.opts.reads_data:
             self.runner = scan_runner(repo, self.pool, self.window)
         self.good_segments: list[str] = []
         self.snapshots: list[Snapshot] = []
@@ -140,7 +146,7 @@ class Verifier:
             self.structure_rest()  # the scope of chosen backups is known once they are walked
             if not self.opts.full_scan:
                 check_trailers(self.repo, self.work, self.ledger, self.pool, self.iter_scope(), 4 * self.window)
-            if self.opts.full_scan or self.opts.subset is not None:
+            if self.opts.reads_data:
                 self.scan_data()
         if self.ledger.new_blob_damage:
             self.backups.reattribute(self.snapshots)

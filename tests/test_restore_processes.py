@@ -104,6 +104,16 @@ def test_restore_is_identical_through_worker_processes(backed_up, tmp_path, dire
     assert not our_workers(cli.cache)
 
 
+def restore_latest(cli, target: str) -> None:  # type: ignore[no-untyped-def]
+    """``run_restore`` of the latest backup into ``target``, in this process (so that the
+    test's monkeypatches of the restore module apply)."""
+    repo = Repository.open(LocalBackend(cli.repo), b"test-pass", cli.cache)
+    try:
+        restore_mod.run_restore(repo, find_snapshot(repo, "latest"), restore_mod.RestoreOptions(target))
+    finally:
+        repo.close()
+
+
 def test_large_file_in_several_segments_is_read_back(backed_up, tmp_path, monkeypatch):
     """A file larger than one segment is written by several workers at once, then hashed
     back from the disk; one segment's file is hashed while it is written."""
@@ -117,17 +127,23 @@ def test_large_file_in_several_segments_is_read_back(backed_up, tmp_path, monkey
         return real(self, f, ranges, check)
 
     monkeypatch.setattr(restore_mod._Writer, "_submit_segment", spy)
-    repo = Repository.open(LocalBackend(cli.repo), b"test-pass", cli.cache)
-    try:
-        snap = find_snapshot(repo, "latest")
-        restore_mod.run_restore(repo, snap, restore_mod.RestoreOptions(str(tmp_path / "out")))
-    finally:
-        repo.close()
+    restore_latest(cli, str(tmp_path / "out"))
     assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
     big = [whole for shown, whole in submitted if shown == "big.bin"]
     assert len(big) >= 5 and not any(big)  # 6 MiB in segments of about 1 MiB: read back
     sparse = [whole for shown, whole in submitted if shown == "sparse.bin"]
     assert len(sparse) >= 4 and not any(sparse)
+
+
+def test_restore_with_a_fsync_per_file(backed_up, tmp_path, monkeypatch):
+    """Where the platform has no ``syncfs``, every restored file is fsynced once it is checked:
+    in the worker that checked it (whole files in a range, one-segment files), after reading
+    it back (split files), or here (empty files); the restore is the same."""
+    cli, data = backed_up
+    monkeypatch.setattr(restore_mod, "FILES_NEED_FSYNC", True)
+    monkeypatch.setattr(restore_mod, "SEGMENT_MAX", 11 << 19)  # sparse.bin (5 MiB) one segment, big.bin (6) two
+    restore_latest(cli, str(tmp_path / "out"))
+    assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
 
 
 def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):

@@ -14,6 +14,7 @@ import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -24,7 +25,7 @@ from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.format import BlobType
 from kyrorepo.snapshot import find_snapshot, save_snapshot
-from kyrorepo.tree import DIR, FILE, Node, decode_tree, encode_tree
+from kyrorepo.tree import DIR, FILE, Node, Ref, decode_tree, encode_tree
 from kyrorepo.walk import chunk_refs, find_node
 
 PASSWORD = "pw"
@@ -246,53 +247,50 @@ def test_damaged_tree_found_by_structure_check(env: Env) -> None:
     assert "sub/" in {f["path"] for f in rep["affected_files"]}
 
 
-def test_blob_referenced_with_the_wrong_type(env: Env) -> None:
-    """A backup whose tree names a data chunk as a directory: the walk finds the type mismatch."""
+def backup_with_extra_node(env: Env, make: Callable[[Ref], Node]) -> tuple[str, Ref]:
+    """Save a copy of the newest backup whose top tree has one more entry, ``make(ref)`` of the
+    first chunk of a.bin; return the new backup's id and that chunk."""
     repo = Repository.open(LocalBackend(env.repo), PASSWORD.encode(), env.cache)
     try:
         repo.sync_index()
         snap = find_snapshot(repo, env.backups()[-1])
         node = find_node(repo, snap.tree, b"a.bin")
         assert node is not None
-        chunk = next(chunk_refs(repo, node))[0]
         top = decode_tree(repo.load_blob(snap.tree, BlobType.TREE), "top tree")
-        top.append(Node(name=b"odd", type=DIR, subtree=chunk))
+        good = next(chunk_refs(repo, node))
+        top.append(make(good))
         tid, _ = repo.add_blob(BlobType.TREE, encode_tree(top))
         repo.flush()
-        odd = save_snapshot(repo, replace(snap, root=replace(snap.root, subtree=tid), time=snap.time + 1))
+        return save_snapshot(repo, replace(snap, root=replace(snap.root, subtree=tid), time=snap.time + 1)).id, good
     finally:
         repo.close()
+
+
+def test_blob_referenced_with_the_wrong_type(env: Env) -> None:
+    """A backup whose tree names a data chunk as a directory: the walk finds the type mismatch."""
+    odd, (chunk, _) = backup_with_extra_node(env, lambda good: Node(name=b"odd", type=DIR, subtree=good[0]))
     rc, rep, err = run_json("verify", *env.opts())
     assert rc == 13
     assert f"blob {chunk.hex()[:16]}: is indexed as a data blob but referenced as a tree blob" in err
-    assert {(f["backup"], f["path"]) for f in rep["affected_files"]} >= {(odd.id, "odd/")}
+    assert {(f["backup"], f["path"]) for f in rep["affected_files"]} >= {(odd, "odd/")}
 
 
 def test_chunk_list_with_unindexed_chunks(env: Env) -> None:
     """A file's chunk list naming ids no index lists, between good chunks, in a repository with
     no other damage (the walk looks a file's chunks up together until damage is known): each
     missing chunk is counted once, and only the file that names them is attributed."""
-    repo = Repository.open(LocalBackend(env.repo), PASSWORD.encode(), env.cache)
-    try:
-        repo.sync_index()
-        snap = find_snapshot(repo, env.backups()[-1])
-        node = find_node(repo, snap.tree, b"a.bin")
-        assert node is not None
-        good = next(chunk_refs(repo, node))
-        ghosts = [(bytes([n]) * 32, 10) for n in (1, 2)]
+    ghosts = [(bytes([n]) * 32, 10) for n in (1, 2)]
+
+    def odd_file(good: Ref) -> Node:
         refs = (good, ghosts[0], good, ghosts[1], ghosts[0], good)
-        top = decode_tree(repo.load_blob(snap.tree, BlobType.TREE), "top tree")
-        top.append(Node(name=b"odd.bin", type=FILE, size=good[1] * 3 + 30, chunks=refs, digest=bytes(32)))
-        tid, _ = repo.add_blob(BlobType.TREE, encode_tree(top))
-        repo.flush()
-        odd = save_snapshot(repo, replace(snap, root=replace(snap.root, subtree=tid), time=snap.time + 1))
-    finally:
-        repo.close()
+        return Node(name=b"odd.bin", type=FILE, size=good[1] * 3 + 30, chunks=refs, digest=bytes(32))
+
+    odd, _ = backup_with_extra_node(env, odd_file)
     rc, rep, _ = run_json("verify", *env.opts())
     assert rc == 13
     [damage] = rep["damaged"]
     assert "2 blob(s) that backups reference are in no readable index segment" in damage["reason"], damage
-    assert {(f["backup"], f["path"]) for f in rep["affected_files"]} == {(odd.id, "odd.bin")}
+    assert {(f["backup"], f["path"]) for f in rep["affected_files"]} == {(odd, "odd.bin")}
 
 
 def test_damaged_index_segment(env: Env) -> None:

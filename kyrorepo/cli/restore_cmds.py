@@ -18,11 +18,10 @@ from kyrorepo.cli.common import (
 )
 from kyrorepo.metrics import textfile_after_restore
 from kyrorepo.cli.progress import byte_progress
-from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
+from kyrorepo.restore import RESTORE_TASKS, RestoreOptions, plan_restore, run_restore
 from kyrorepo.snapshot import find_snapshot
 
 DRY_LIST_MAX = 50
-RESTORE_TASKS = "kyrorepo.restore_worker"  # what restore's worker processes run
 
 
 def allow_clear_from_env() -> bool:

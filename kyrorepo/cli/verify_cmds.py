@@ -11,7 +11,7 @@ from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repair import IndexRepair, SnapshotRepair, repair_index, repair_snapshots
 from kyrorepo.verify import DEFAULT_WORKERS, VerifyOptions, run_verify
-from kyrorepo.verify_data import parse_subset
+from kyrorepo.verify_data import SCAN_TASKS, parse_subset
 from kyrorepo.verify_report import Damage, VerifyReport
 
 SHOW_FILES = 5
@@ -110,8 +110,7 @@ def verify(ropts: RepoOptions, backup_ids: tuple[str, ...], source: str | None, 
     opts = VerifyOptions(backup_ids=backup_ids, source=source, full_scan=full_scan,
                          subset=parse_subset(subset) if subset else None, resume=resume, restore_test=restore_test,
                          restore_dir=restore_dir, workers=workers).validate()
-    reads_data = opts.full_scan or opts.subset is not None
-    with opened_with_workers(ropts, workers if reads_data else None, "kyrorepo.verify_pack") as repo, repo.lock():
+    with opened_with_workers(ropts, workers if opts.reads_data else None, SCAN_TASKS) as repo, repo.lock():
         with byte_progress("verify", None) as progress:
             opts.progress = progress
             report = run_verify(repo, opts)

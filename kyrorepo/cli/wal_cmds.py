@@ -14,10 +14,10 @@ import click
 
 from kyrorepo.backup import default_source
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
-from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, RESTORE_TASKS, allow_clear_from_env
+from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, allow_clear_from_env
 from kyrorepo.errors import KyroError, NotFoundError, UsageError
 from kyrorepo.pitr import PitrOptions, PitrResult, SourceWindow, pitr_windows, run_pitr
-from kyrorepo.restore import default_workers
+from kyrorepo.restore import RESTORE_TASKS, default_workers
 from kyrorepo.snapshot import iso_time, parse_time
 from kyrorepo.walcapture import (
     NO_WAL,
