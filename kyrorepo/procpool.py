@@ -107,6 +107,12 @@ class Runner(Protocol):
     @property
     def pending(self) -> int: ...
 
+    @property
+    def idle(self) -> bool:
+        """Whether a task submitted now starts at once (some worker thread is free): a long task
+        queued behind a busy worker's tasks would wait there while another worker goes idle."""
+        ...
+
     def submit(self, fn: Callable[[WorkerContext, Any], Any], arg: Any) -> int: ...
 
     def wait(self) -> tuple[int, Any]: ...
@@ -340,7 +346,8 @@ class ProcPool:
     """
 
     def __init__(self, setup: Setup, processes: int) -> None:
-        self.slots = processes * (max(1, setup.threads) + 1)
+        self._threads = max(1, setup.threads)
+        self.slots = processes * (self._threads + 1)
         self._workers: list[_Worker] = []
         self._sel = selectors.DefaultSelector()
         self._ready: list[tuple[int, Reply]] = []
@@ -359,6 +366,10 @@ class ProcPool:
     @property
     def pending(self) -> int:
         return sum(len(w.tickets) for w in self._workers) + len(self._ready)
+
+    @property
+    def idle(self) -> bool:
+        return any(len(w.tickets) < self._threads for w in self._workers)
 
     def submit(self, fn: Callable[[WorkerContext, A], Any], arg: A) -> int:
         """Queue ``fn(context, arg)`` on the least busy worker; return its ticket."""
@@ -422,6 +433,7 @@ class ThreadRunner:
     def __init__(self, ctx: WorkerContext, threads: int, executor: ThreadPoolExecutor | None = None) -> None:
         self.ctx = ctx
         self.slots = threads + 2
+        self._threads = threads
         self._own = executor is None
         self._pool = executor or ThreadPoolExecutor(max_workers=threads, thread_name_prefix="open")
         self._done: queue.SimpleQueue[tuple[int, Future[Any]]] = queue.SimpleQueue()
@@ -431,6 +443,10 @@ class ThreadRunner:
     @property
     def pending(self) -> int:
         return self._inflight
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight < self._threads
 
     def submit(self, fn: Callable[[WorkerContext, A], Any], arg: A) -> int:
         ticket = self._next

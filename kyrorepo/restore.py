@@ -1,14 +1,14 @@
 """Restore a snapshot into a data directory, safely.
 
-The restore is written into a staging directory, every chunk checked against its id and
-every file against its recorded digest, everything made durable, and only then swapped
+The restore is written into a staging directory, every blob authenticated and every file
+checked against its recorded digest, everything made durable, and only then swapped
 into place (``kyrorepo.staging.staged_restore``, shared with restore-pitr). A failed or
 killed restore never leaves the user with neither the old nor the new data.
 
 Data path (docs/performance.md, "Restore"): this process walks the snapshot, creates
 directories and symlinks and turns chunk lists into coalesced pack ranges, each range
 read once; worker processes (``kyrorepo.procpool``; threads for in-memory and network
-backends) load a range, open and re-hash every blob and write it into the staging files
+backends) load a range, open every blob and write it into the staging files
 (``kyrorepo.restore_worker``, direct I/O where possible). Small files share ranges, and
 a file one range holds entirely is checked against its digest in the worker. A file
 larger than a range gets ranges of its own, grouped into segments of up to
@@ -390,6 +390,10 @@ class _Writer:
         self._submit_segment(f, ranges, f.check() if f.whole else None)
 
     def _submit_segment(self, f: _File, ranges: list[_Range], check: FileCheck | None) -> None:
+        """Submit a segment once a worker thread is free: queued behind a busy worker's tasks, a
+        segment (up to ``SEGMENT_MAX`` bytes of work) would start late while others go idle."""
+        while self.runner.pending and not self.runner.idle:
+            self._consume_one()
         f.ranges += 1
         self._submit(write_segment, SegmentTask(tuple(r.segment_task(f) for r in ranges), check), [f])
 

@@ -1,12 +1,15 @@
 """Restore's tasks, run in worker processes (kyrorepo.procpool) or, as a fallback, threads.
 
-``write_range`` loads one pack range, opens and re-hashes every blob in it, and writes
-the plaintext at its file offsets (runs of consecutive chunks; their page-aligned middle
-with direct I/O, kyrorepo.directio); a file whose every chunk lies in the range is checked
-against its digest right here, from the plaintext in memory. ``check_file`` hashes a file
-written by several ranges back from the disk once its last chunk is in (direct reads: what
-the device holds, not what the page cache remembers). Only byte counts and errors go back
-to the parent, never plaintext.
+``write_range`` loads one pack range, opens every blob in it (AES-GCM authenticates it as
+the blob its id and type name) and writes the plaintext at its file offsets (runs of
+consecutive chunks; their page-aligned middle with direct I/O, kyrorepo.directio); a file
+whose every chunk lies in the range is checked against its digest right here, from the
+plaintext in memory. Chunks are not re-hashed against their ids: every restored file is
+checked against its recorded digest, which covers each of its bytes in order, so a chunk
+that does not match its id fails its file (``verify --full-scan`` then names the chunk).
+``check_file`` hashes a file written by several ranges back from the disk once its last
+chunk is in (direct reads: what the device holds, not what the page cache remembers).
+Only byte counts and errors go back to the parent, never plaintext.
 Files are created by the first task that writes to them (``O_CREAT``), so creating many
 small files is spread over the workers; the parent creates only empty files and the
 first of a set of hard links.
@@ -161,7 +164,7 @@ def _open_blobs(ctx: WorkerContext, task: RangeTask) -> list[bytes]:
     view = memoryview(data)
     decode = ctx.codec.decode
     return [decode(BlobType.DATA, bid, view[off - task.start:off - task.start + ln],
-                   f"chunk {bid.hex()[:16]} in {task.pack}") for bid, off, ln in task.blobs]
+                   f"chunk {bid.hex()[:16]} in {task.pack}", check_id=False) for bid, off, ln in task.blobs]
 
 
 def _descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int:

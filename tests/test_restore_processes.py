@@ -15,6 +15,7 @@ import pytest
 from kyrorepo.backends import LocalBackend, MemoryBackend
 from kyrorepo.crypto import MasterKey
 from kyrorepo.errors import IntegrityError, KyroError
+from kyrorepo.format import BlobType
 from kyrorepo.keys import KdfParams
 from kyrorepo import procpool
 from kyrorepo.cli.main import main
@@ -22,7 +23,9 @@ from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_
 from kyrorepo.repository import Repository
 from kyrorepo import restore as restore_mod
 from kyrorepo.restore_worker import FileCheck, check_file
+from kyrorepo.pack import pack_name
 from kyrorepo.snapshot import find_snapshot
+from kyrorepo.walk import chunk_refs
 from treeutil import snapshot_tree, start_restore_over_old_content
 
 WORKER_MARK = "procpool import worker_main"
@@ -159,6 +162,35 @@ def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):
     assert os.listdir(target) == ["old"] and (target / "old").read_text() == "old content"
     assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]  # no staging directory left
     assert not our_workers(cli.cache)
+
+
+def test_authentic_chunk_with_other_content_fails_its_file(backed_up, tmp_path):
+    """A blob that opens (sealed with the repository's keys) but holds other bytes than its id
+    says: restore does not re-hash chunks, the file's digest catches it, and nothing is swapped
+    in; verify --full-scan names the chunk."""
+    cli, _ = backed_up
+    repo = Repository.open(LocalBackend(cli.repo), b"test-pass", cli.cache)
+    try:
+        node = dict(restore_mod.selected_entries(repo, find_snapshot(repo, "latest"), ()))[b"big.bin"]
+        bid, length = list(chunk_refs(repo, node))[1]  # random data: stored raw
+        loc = repo.cache.lookup(bid)
+        assert loc is not None
+        forged = repo.keys.seal(BlobType.DATA, bid, b"\x00" + bytes(length))
+        assert len(forged) == loc.length
+        with open(os.path.join(cli.repo, pack_name(loc.pack_id)), "r+b") as f:
+            f.seek(loc.offset)
+            f.write(forged)
+    finally:
+        repo.close()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old content")
+    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear", expect=13)
+    assert "restored file big.bin does not match its recorded digest" in r.stderr
+    assert os.listdir(target) == ["old"]
+    assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]
+    r = cli.run("verify", "--full-scan", expect=None)
+    assert r.returncode != 0 and bid.hex()[:16] in r.stdout + r.stderr
 
 
 def test_full_scan_finds_flipped_byte_in_workers(backed_up):
@@ -331,6 +363,44 @@ def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):
         assert pool.pending == 0
     finally:
         pool.close()
+
+
+def test_idle_means_a_worker_thread_is_free(tmp_path, monkeypatch):
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    from pool_tasks import echo_after
+
+    pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), MasterKey.generate().keys(), 3, threads=1), 2)
+    try:
+        assert pool.idle
+        first = pool.submit(echo_after, (0.5, "a"))
+        assert pool.idle  # the other worker is free
+        pool.submit(echo_after, (0.5, "b"))
+        assert not pool.idle and pool.pending == 2  # a third task would wait behind one of them
+        assert pool.wait()[0] in (first, first + 1)
+        assert pool.idle
+        pool.wait()
+    finally:
+        pool.close()
+
+
+def test_segments_start_on_a_free_worker_thread(backed_up, tmp_path, monkeypatch):
+    """A segment (up to SEGMENT_MAX bytes of work) is sent only when some worker thread is
+    free, never queued behind a busy worker's tasks while another worker runs dry."""
+    cli, data = backed_up
+    monkeypatch.setattr(restore_mod, "SEGMENT_MAX", 1 << 19)  # the two large files: 22 segments
+    sent = []
+    real = ProcPool.submit
+
+    def spy(self, fn, arg):  # type: ignore[no-untyped-def]
+        sent.append((fn.__name__, self.idle))
+        return real(self, fn, arg)
+
+    monkeypatch.setattr(ProcPool, "submit", spy)
+    restore_latest(cli, str(tmp_path / "out"))
+    assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
+    segments = [idle for name, idle in sent if name == "write_segment"]
+    assert len(segments) >= 20 and all(segments)
 
 
 def test_restore_killed_mid_swap_gets_the_old_content_back(repo_cli, tmp_path):
