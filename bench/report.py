@@ -59,6 +59,9 @@ def ratio_table(results: list[PhaseResult], ours: str = "kyrorepo") -> str:
             theirs = _find(results, p, phase)
             cells.append(f"{theirs.wall / mine.wall:.2f}x" if theirs and mine.wall > 0 else "-")
         rows.append(f"| {PHASE_TITLES[phase]} | " + " | ".join(cells) + " |")
+    rest = [(_find(results, ours, "restore"), _find(results, p, "restore")) for p in peers]
+    rows.append("| restore until on disk (wall + sync) | " + " | ".join(
+        f"{(t.wall + t.sync_s) / (m.wall + m.sync_s):.2f}x" if m and t and m.wall > 0 else "-" for m, t in rest) + " |")
     first = [(_find(results, ours, "first"), _find(results, p, "first")) for p in peers]
     rows.append("| stored after first backup | " + " | ".join(
         f"{m.repo_bytes / t.repo_bytes:.2f}x" if m and t and t.repo_bytes else "-" for m, t in first) + " |")
@@ -69,6 +72,8 @@ def ratio_table(results: list[PhaseResult], ours: str = "kyrorepo") -> str:
         f"{_max_rss(results, ours) / _max_rss(results, p):.2f}x" if _max_rss(results, p) else "-"
         for p in peers) + " |")
     return "\n".join(rows) + "\n\nspeed = peer wall time / kyrorepo wall time (above 1: kyrorepo is faster); " \
+                             "until on disk adds the flush each restore left behind (kyrorepo syncs before it " \
+                             "swaps, restic and borg do not); " \
                              "stored and added: kyrorepo / peer (below 1: kyrorepo stores less)."
 
 
