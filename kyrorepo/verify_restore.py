@@ -1,9 +1,9 @@
 """The restore drill of ``verify --restore-test`` (docs/integrity.md, "Restore drill").
 
-A backup is restored with ``run_restore`` (which checks every chunk and file digest as it
-writes) into a fresh directory under the system temporary directory or ``restore_dir``;
-every restored entry is then read back and compared with the backup's tree, and the
-directory is removed. Damage is recorded by the caller.
+A backup is restored with ``run_restore`` (which authenticates every blob and checks every
+file's digest as it writes) into a fresh directory under the system temporary directory
+or ``restore_dir``; every restored entry is then read back and compared with the
+backup's tree, and the directory is removed. Damage is recorded by the caller.
 """
 
 from __future__ import annotations
