@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# A suite started as a background job of a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every kyrorepo it starts: the tests that interrupt a command with
+# SIGINT need it at its default, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 KYROREPO = [sys.executable, "-m", "kyrorepo"]
 FAST_KDF = ["--kdf-memory-kib", "1024", "--kdf-iterations", "1"]

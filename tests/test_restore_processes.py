@@ -204,7 +204,7 @@ def test_full_scan_finds_flipped_byte_in_workers(backed_up):
 
 
 def test_interrupted_restore_stops_its_workers(repo_cli, tmp_path):
-    proc, target = start_restore_over_old_content(repo_cli, tmp_path, 8)  # 320 MiB: time to catch it
+    proc, target = start_restore_over_old_content(repo_cli, tmp_path, 4)
     while proc.poll() is None:
         if any(".kyrorepo-staging-" in e for e in os.listdir(tmp_path)) and our_workers(repo_cli.cache):
             proc.send_signal(signal.SIGINT)
