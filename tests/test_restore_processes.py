@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -149,19 +150,26 @@ def test_restore_with_a_fsync_per_file(backed_up, tmp_path, monkeypatch):
     assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
 
 
-def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):
-    cli, _ = backed_up
-    biggest = packs_of(cli.repo)[-1]
-    flip(biggest, os.path.getsize(biggest) // 2)  # inside a data blob of the largest file
+def damaged_restore(cli, tmp_path) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    """Restore the latest backup over a target holding one old file, expecting exit 13 (damage):
+    the old content stays, no staging directory or worker is left. Returns the run."""
     target = tmp_path / "target"
     target.mkdir()
     (target / "old").write_text("old content")
     r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear", expect=13)
-    assert "failed authentication" in r.stderr and os.path.basename(biggest) in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
     assert os.listdir(target) == ["old"] and (target / "old").read_text() == "old content"
     assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]  # no staging directory left
     assert not our_workers(cli.cache)
+    return r
+
+
+def test_damaged_chunk_fails_with_13_and_leaves_target(backed_up, tmp_path):
+    cli, _ = backed_up
+    biggest = packs_of(cli.repo)[-1]
+    flip(biggest, os.path.getsize(biggest) // 2)  # inside a data blob of the largest file
+    r = damaged_restore(cli, tmp_path)
+    assert "failed authentication" in r.stderr and os.path.basename(biggest) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_authentic_chunk_with_other_content_fails_its_file(backed_up, tmp_path):
@@ -182,13 +190,8 @@ def test_authentic_chunk_with_other_content_fails_its_file(backed_up, tmp_path):
             f.write(forged)
     finally:
         repo.close()
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "old").write_text("old content")
-    r = cli.run("restore", "--backup-id", "latest", "--data-dir", str(target), "--allow-clear", expect=13)
+    r = damaged_restore(cli, tmp_path)
     assert "restored file big.bin does not match its recorded digest" in r.stderr
-    assert os.listdir(target) == ["old"]
-    assert not [e for e in os.listdir(tmp_path) if "kyrorepo" in e]
     r = cli.run("verify", "--full-scan", expect=None)
     assert r.returncode != 0 and bid.hex()[:16] in r.stdout + r.stderr
 
@@ -346,13 +349,19 @@ def test_refused_restore_stops_its_prestarted_workers(backed_up, tmp_path, monke
     assert [p.name for p in target.iterdir()] == ["keep"] and (target / "keep").read_text() == "mine"
 
 
-def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):
-    """A worker runs two tasks at once: a quick task's reply overtakes a slow one's and is
-    matched to its own ticket."""
+@pytest.fixture
+def echo_after(monkeypatch):  # type: ignore[no-untyped-def]
+    """``pool_tasks.echo_after``, with this directory on the workers' PYTHONPATH so they can import it."""
     here = os.path.dirname(os.path.abspath(__file__))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    from pool_tasks import echo_after
+    from pool_tasks import echo_after as task
 
+    return task
+
+
+def test_replies_may_overtake_within_a_worker(tmp_path, echo_after):
+    """A worker runs two tasks at once: a quick task's reply overtakes a slow one's and is
+    matched to its own ticket."""
     pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), MasterKey.generate().keys(), 3, threads=2), 1)
     try:
         assert pool.slots == 3
@@ -365,11 +374,7 @@ def test_replies_may_overtake_within_a_worker(tmp_path, monkeypatch):
         pool.close()
 
 
-def test_idle_means_a_worker_thread_is_free(tmp_path, monkeypatch):
-    here = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    from pool_tasks import echo_after
-
+def test_idle_means_a_worker_thread_is_free(tmp_path, echo_after):
     pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), MasterKey.generate().keys(), 3, threads=1), 2)
     try:
         assert pool.idle
