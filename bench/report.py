@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from bench.phases import PHASE_TITLES, PHASES, PhaseResult
@@ -50,24 +51,24 @@ def ratio_table(results: list[PhaseResult], ours: str = "kyrorepo") -> str:
         return ""
     head = "| phase | " + " | ".join(f"speed vs {p}" for p in peers) + " |\n|---|" + "---:|" * len(peers)
     rows = [head]
-    for phase in PHASES:
-        mine = _find(results, ours, phase)
-        if mine is None:
-            continue
+
+    def row(title: str, phase: str, ratio: Callable[[PhaseResult, PhaseResult], float | None]) -> str:
+        """``ratio(ours, the peer's)`` of one phase's results, for each peer ("-": not measured)."""
         cells = []
         for p in peers:
-            theirs = _find(results, p, phase)
-            cells.append(f"{theirs.wall / mine.wall:.2f}x" if theirs and mine.wall > 0 else "-")
-        rows.append(f"| {PHASE_TITLES[phase]} | " + " | ".join(cells) + " |")
-    rest = [(_find(results, ours, "restore"), _find(results, p, "restore")) for p in peers]
-    rows.append("| restore until on disk (wall + sync) | " + " | ".join(
-        f"{(t.wall + t.sync_s) / (m.wall + m.sync_s):.2f}x" if m and t and m.wall > 0 else "-" for m, t in rest) + " |")
-    first = [(_find(results, ours, "first"), _find(results, p, "first")) for p in peers]
-    rows.append("| stored after first backup | " + " | ".join(
-        f"{m.repo_bytes / t.repo_bytes:.2f}x" if m and t and t.repo_bytes else "-" for m, t in first) + " |")
-    incr = [(_find(results, ours, "incremental"), _find(results, p, "incremental")) for p in peers]
-    rows.append("| bytes added by the incremental | " + " | ".join(
-        f"{m.added_bytes / t.added_bytes:.2f}x" if m and t and t.added_bytes else "-" for m, t in incr) + " |")
+            m, t = _find(results, ours, phase), _find(results, p, phase)
+            r = ratio(m, t) if m and t else None
+            cells.append("-" if r is None else f"{r:.2f}x")
+        return f"| {title} | " + " | ".join(cells) + " |"
+
+    rows += [row(PHASE_TITLES[phase], phase, lambda m, t: t.wall / m.wall if m.wall > 0 else None)
+             for phase in PHASES if _find(results, ours, phase)]
+    rows.append(row("restore until on disk (wall + sync)", "restore",
+                    lambda m, t: (t.wall + t.sync_s) / (m.wall + m.sync_s) if m.wall > 0 else None))
+    rows.append(row("stored after first backup", "first",
+                    lambda m, t: m.repo_bytes / t.repo_bytes if t.repo_bytes else None))
+    rows.append(row("bytes added by the incremental", "incremental",
+                    lambda m, t: m.added_bytes / t.added_bytes if t.added_bytes else None))
     rows.append("| peak RSS (max over phases) | " + " | ".join(
         f"{_max_rss(results, ours) / _max_rss(results, p):.2f}x" if _max_rss(results, p) else "-"
         for p in peers) + " |")
