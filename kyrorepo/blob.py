@@ -25,6 +25,79 @@ COMP_ZSTD = 1
 COMP_ZSTD_DICT = 2
 MAX_BLOB = 64 * 1024 * 1024
 DICT_DIR = "dicts"
+# zstd levels 1 and 2 use its "fast" strategy at every source size: the only levels where
+# literals may stay raw (LiteralCoding).
+FAST_LEVELS = (1, 2)
+
+
+def plain_compressor(level: int, raw_literals: bool = False) -> zstandard.ZstdCompressor:
+    """A compressor of frames at ``level`` (with their content size), optionally with
+    ``raw_literals`` (only on ``FAST_LEVELS``: see ``LiteralCoding``)."""
+    if not raw_literals:
+        return zstandard.ZstdCompressor(level=level, write_content_size=True)
+    assert level in FAST_LEVELS
+    return zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(
+        compression_level=level, target_length=1, write_content_size=1))
+
+
+def dictionary_compressor(dictionary: bytes, level: int, raw_literals: bool = False) -> zstandard.ZstdCompressor:
+    """A compressor of frames made with zstd ``dictionary`` (the raw ZDICT bytes) at ``level``,
+    with the level's own parameters for the dictionary's size, optionally with ``raw_literals``
+    (only on ``FAST_LEVELS``). Frames carry their content size and no dictionary id
+    (docs/format.md, "Plaintext body"); any zstd decoder given the dictionary reads them."""
+    assert not raw_literals or level in FAST_LEVELS
+    params = zstandard.ZstdCompressionParameters.from_level(level, dict_size=len(dictionary),
+                                                            **({"target_length": 1} if raw_literals else {}))
+    zdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_FULLDICT)
+    zdict.precompute_compress(compression_params=params)  # the compressor copies these tables per frame
+    return zstandard.ZstdCompressor(dict_data=zdict, write_content_size=True, write_dict_id=False)
+
+
+# Literal coding (LiteralCoding): probe the first batches, then one in every 4 (~4 MiB each)
+LITERALS_FIRST_PROBES = 4
+LITERALS_PROBE_EVERY = 4
+LITERALS_MIN_GAIN = 0.005  # coding must make the probed frames at least 0.5% smaller to stay on
+LITERALS_DECAY = 0.75  # weight of the earlier probes at each new one
+
+
+class LiteralCoding:
+    """Whether a codec's batches of chunks Huffman-code the literals of their zstd frames.
+
+    Literals are the bytes no match covers. zstd codes them only when that makes them at least
+    ~1.6% smaller, but it tries on every block (a histogram and a Huffman table), at about a
+    sixth of level 2's time. On data whose literals are random-looking (the benchmark's rows
+    once the dictionary has taken their structure; hashes, ids, encrypted or compressed
+    values) it tries in vain; zstd's fast strategy skips the try when asked for a sampling
+    distance of 1 (``target_length``), which changes nothing else about the frames.
+
+    So the first ``LITERALS_FIRST_PROBES`` batches, then one batch in every
+    ``LITERALS_PROBE_EVERY``, compress their largest chunk both ways, and the literals stay raw
+    only while coding them saves less than ``LITERALS_MIN_GAIN`` over the recent probes
+    (decayed sums). It starts coded, needs all first probes to go raw and comes back as soon
+    as coding pays again. Frames made either way are ordinary zstd frames: readers do not know.
+    One object serves all the threads of a codec."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches = 0
+        self._probes = 0
+        self._coded = 0.0  # decayed sum of the probed frames' sizes with literals coded
+        self._raw = 0.0  # and with literals raw
+        self.raw = False
+
+    def probe_due(self) -> bool:
+        with self._lock:
+            n = self._batches
+            self._batches += 1
+        return n < LITERALS_FIRST_PROBES or n % LITERALS_PROBE_EVERY == 0
+
+    def record(self, coded: int, raw: int) -> None:
+        """One probe: the sizes of one chunk's frame with its literals coded and raw."""
+        with self._lock:
+            self._coded = self._coded * LITERALS_DECAY + coded
+            self._raw = self._raw * LITERALS_DECAY + raw
+            self._probes += 1
+            self.raw = self._probes >= LITERALS_FIRST_PROBES and self._coded > self._raw * (1 - LITERALS_MIN_GAIN)
 
 
 def _id_mismatch(what: str) -> IntegrityError:
@@ -100,33 +173,22 @@ class BlobCodec:
         self.keys = keys
         self.level = level
         self.dicts = dicts
+        self.literals = LiteralCoding() if level in FAST_LEVELS else None
         self._local = threading.local()
 
-    def _zc(self) -> zstandard.ZstdCompressor:
-        c = getattr(self._local, "zc", None)
-        if c is None:
-            c = self._local.zc = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
-        return c
+    def _compressors(self) -> dict[tuple[bytes | None, bool], zstandard.ZstdCompressor]:
+        """This thread's compressors (zstd contexts are not shared), by (dictionary id or None,
+        raw literals)."""
+        cache = getattr(self._local, "zc", None)
+        if cache is None:
+            cache = self._local.zc = {}
+        return cache  # type: ignore[no-any-return]
 
     def _zd(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "zd", None)
         if d is None:
             d = self._local.zd = zstandard.ZstdDecompressor()
         return d
-
-    def _dict_zc(self, did: bytes) -> zstandard.ZstdCompressor:
-        """This thread's compressor for dictionary ``did`` (zstd contexts are not shared)."""
-        cache = getattr(self._local, "dzc", None)
-        if cache is None:
-            cache = self._local.dzc = {}
-        c = cache.get(did)
-        if c is None:
-            assert self.dicts is not None
-            zdict = zstandard.ZstdCompressionDict(self.dicts.data(did), dict_type=zstandard.DICT_TYPE_FULLDICT)
-            zdict.precompute_compress(level=self.level)
-            c = cache[did] = zstandard.ZstdCompressor(level=self.level, dict_data=zdict, write_content_size=True,
-                                                      write_dict_id=False)
-        return c
 
     def _dict_zd(self, did: bytes, what: str) -> zstandard.ZstdDecompressor:
         cache = getattr(self._local, "dzd", None)
@@ -147,25 +209,40 @@ class BlobCodec:
         """
         if self.level <= 0 or not len(data):
             return self.keys.seal(btype, bid, b"".join((b"\x00", data)))
-        did, zc = self._compressor(btype)
+        did, zc = self._compressor(btype, False)
         return self._seal_smaller(btype, bid, data, did, zc.compress(data))
 
     def encode_many(self, btype: BlobType, items: list[tuple[bytes, bytes]]) -> list[bytes]:
         """``encode`` of each (id, data) in ``items``: the same sealed blobs, but zstd compresses
         the whole list in one call, which gives the GIL up once instead of once per chunk (every
-        hand-back of the GIL waits for the other threads of the pipeline)."""
+        hand-back of the GIL waits for the other threads of the pipeline). The frames code
+        their literals or not as ``self.literals`` decides, and some batches probe for it."""
         if self.level <= 0 or len(items) < 2 or not all(len(d) for _, d in items):
             return [self.encode(btype, bid, d) for bid, d in items]
-        did, zc = self._compressor(btype)
+        raw = self.literals is not None and self.literals.raw
+        did, zc = self._compressor(btype, raw)
         packed = zc.multi_compress_to_buffer([d for _, d in items], threads=1)
+        if self.literals is not None and self.literals.probe_due():
+            i = max(range(len(items)), key=lambda k: len(items[k][1]))
+            other = len(self._compressor(btype, not raw)[1].compress(items[i][1]))
+            self.literals.record(*((len(packed[i]), other) if not raw else (other, len(packed[i]))))
         return [self._seal_smaller(btype, bid, data, did, memoryview(packed[i]))  # type: ignore[arg-type]
                 for i, (bid, data) in enumerate(items)]  # a BufferSegment is a buffer
 
-    def _compressor(self, btype: BlobType) -> tuple[bytes | None, zstandard.ZstdCompressor]:
+    def _compressor(self, btype: BlobType, raw_literals: bool) -> tuple[bytes | None, zstandard.ZstdCompressor]:
         """The dictionary new blobs of ``btype`` are compressed with (DATA only; None: none) and
-        this thread's compressor for it."""
+        this thread's compressor for it, with literals coded or ``raw_literals``."""
         did = self.dicts.current() if btype == BlobType.DATA and self.dicts is not None else None
-        return did, self._dict_zc(did) if did is not None else self._zc()
+        cache = self._compressors()
+        c = cache.get((did, raw_literals))
+        if c is None:
+            if did is None:
+                c = plain_compressor(self.level, raw_literals)
+            else:
+                assert self.dicts is not None
+                c = dictionary_compressor(self.dicts.data(did), self.level, raw_literals)
+            cache[(did, raw_literals)] = c
+        return did, c
 
     def _seal_smaller(self, btype: BlobType, bid: bytes, data: bytes | memoryview, did: bytes | None,
                       frame: bytes | memoryview) -> bytes:

@@ -26,6 +26,7 @@ import time
 
 import zstandard
 
+from kyrorepo.blob import dictionary_compressor
 from kyrorepo.repository import Repository
 
 DICT_SIZE = 64 * 1024
@@ -102,7 +103,7 @@ def train(samples: list[bytes | bytearray | memoryview], level: int) -> bytes | 
     except zstandard.ZstdError:
         return None  # too little or too random data to learn from
     plain = zstandard.ZstdCompressor(level=level)
-    with_dict = zstandard.ZstdCompressor(level=level, dict_data=zdict, write_dict_id=False)
+    with_dict = dictionary_compressor(zdict.as_bytes(), level)
     without = sum(min(len(plain.compress(s)), len(s)) for s in held_out)
     using = sum(min(len(with_dict.compress(s)) + 32, len(s)) for s in held_out)
     if using > without * (1 - MIN_GAIN):

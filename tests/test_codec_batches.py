@@ -8,6 +8,7 @@ import os
 import random
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,3 +99,48 @@ def test_batches_round_trip(data):
     sealed = codec.encode_many(BlobType.DATA, items)
     got = codec.decode_many(BlobType.DATA, [(bid, s) for (bid, _), s in zip(items, sealed)], str)
     assert [bytes(g) for g in got] == data  # type: ignore[arg-type]
+
+
+def random_literal_chunks(rng: random.Random, n: int) -> list[bytes]:
+    """Chunks whose matches are long repeats and whose literals are random bytes: Huffman
+    coding the literals gains nothing."""
+    out = []
+    for _ in range(n):
+        blocks = [rng.randbytes(48) for _ in range(256)]
+        out.append(b"".join(b + b for b in blocks))
+    return out
+
+
+def text_chunks(rng: random.Random, n: int) -> list[bytes]:
+    """Chunks of text-like literals (few distinct letters, frequent ones first): coding pays."""
+    return [bytes(rng.choices(b"etaoin shrdlu", weights=range(13, 0, -1), k=24_000)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("with_dict", [True, False])
+def test_literals_stay_raw_only_while_coding_them_does_not_pay(with_dict):
+    codec = dict_codec() if with_dict else BlobCodec(KEYS, 2)
+    literals = codec.literals
+    assert literals is not None and not literals.raw  # starts coded
+    rng = random.Random(9)
+
+    def batches(make, count):
+        for _ in range(count):
+            items = items_of(make(rng, 4))
+            sealed = codec.encode_many(BlobType.DATA, items)
+            for (bid, data), s in zip(items, sealed):  # every frame, coded or raw, opens
+                assert codec.decode(BlobType.DATA, bid, s, "chunk") == data
+
+    batches(random_literal_chunks, 3)
+    assert not literals.raw  # not before all the first probes agree
+    batches(random_literal_chunks, 1)
+    assert literals.raw
+    if not with_dict:  # a frame with raw literals is an ordinary zstd frame: any decoder reads it
+        items = items_of(random_literal_chunks(rng, 2))
+        body = KEYS.open(BlobType.DATA, items[0][0], codec.encode_many(BlobType.DATA, items)[0], "x")
+        assert body[0] == COMP_ZSTD and zstandard.ZstdDecompressor().decompress(body[1:]) == items[0][1]
+    batches(text_chunks, 4)  # the next probe finds that coding pays: back to coded
+    assert not literals.raw
+
+
+def test_literals_are_always_coded_above_the_fast_levels():
+    assert BlobCodec(KEYS, 3).literals is None and BlobCodec(KEYS, 1).literals is not None
