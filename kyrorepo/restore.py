@@ -391,10 +391,14 @@ class _Writer:
 
     def _submit_segment(self, f: _File, ranges: list[_Range], check: FileCheck | None) -> None:
         """Submit a segment once a worker thread is free: queued behind a busy worker's tasks, a
-        segment (up to ``SEGMENT_MAX`` bytes of work) would start late while others go idle."""
+        segment (up to ``SEGMENT_MAX`` bytes of work) would start late while others go idle.
+
+        The segment counts as one of the file's before the wait: the replies taken meanwhile
+        may be the file's earlier segments, and with all of those written the file would
+        otherwise look complete and be read back before its last segment was even sent."""
+        f.ranges += 1
         while self.runner.pending and not self.runner.idle:
             self._consume_one()
-        f.ranges += 1
         self._submit(write_segment, SegmentTask(tuple(r.segment_task(f) for r in ranges), check), [f])
 
     def _place(self, f: _File, offset: int, bid: bytes, loc: BlobLocation) -> None:

@@ -139,6 +139,18 @@ def test_large_file_in_several_segments_is_read_back(backed_up, tmp_path, monkey
     assert len(sparse) >= 4 and not any(sparse)
 
 
+def test_split_file_is_read_back_only_after_its_last_segment(backed_up, tmp_path, monkeypatch):
+    """With no worker thread ever free while tasks are out, every segment waits until all
+    earlier replies are taken, its own file's earlier segments among them: the file must not
+    be read back (and found short) before its last segment is written."""
+    cli, data = backed_up
+    monkeypatch.setattr(restore_mod, "SEGMENT_MAX", 1 << 20)
+    for cls in (procpool.ProcPool, procpool.ThreadRunner):
+        monkeypatch.setattr(cls, "idle", property(lambda self: self.pending == 0))
+    restore_latest(cli, str(tmp_path / "out"))
+    assert snapshot_tree(str(tmp_path / "out")) == snapshot_tree(str(data))
+
+
 def test_restore_with_a_fsync_per_file(backed_up, tmp_path, monkeypatch):
     """Where the platform has no ``syncfs``, every restored file is fsynced once it is checked:
     in the worker that checked it (whole files in a range, one-segment files), after reading
