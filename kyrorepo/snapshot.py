@@ -96,12 +96,31 @@ def load_snapshot(repo: Repository, name: str) -> Snapshot:
 
 
 def list_snapshots(repo: Repository, source: str | None = None) -> list[Snapshot]:
-    """All backups, newest first (by time, then id)."""
+    """All backups, newest first: by start time, end time, then (backups of the same second)
+    descent, a backup before the one it is the parent of, then id."""
     snaps = [load_snapshot(repo, n) for n in repo.object_names(BlobType.SNAPSHOT)]
     if source is not None:
         snaps = [s for s in snaps if s.source == source]
-    snaps.sort(key=lambda s: (s.time, s.end_time, s.id), reverse=True)
+    depth = _descent(snaps)
+    snaps.sort(key=lambda s: (s.time, s.end_time, depth[s.id], s.id), reverse=True)
     return snaps
+
+
+def _descent(snaps: list[Snapshot]) -> dict[str, int]:
+    """For each backup, how many of its ancestors (parent, its parent, ...) are in ``snaps``."""
+    by_id = {s.id: s for s in snaps}
+    depth: dict[str, int] = {}
+    for s in snaps:
+        chain = []
+        cur: Snapshot | None = s
+        while cur is not None and cur.id not in depth and cur.id not in chain:
+            chain.append(cur.id)
+            cur = by_id.get(cur.parent) if cur.parent else None
+        base = depth[cur.id] + 1 if cur is not None and cur.id in depth else 0
+        for sid in reversed(chain):
+            depth[sid] = base
+            base += 1
+    return depth
 
 
 def sources_of(snaps: list[Snapshot]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -24,7 +25,7 @@ from kyrorepo.keys import KdfParams
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.restore import RestoreOptions, run_restore
-from kyrorepo.snapshot import list_snapshots
+from kyrorepo.snapshot import find_snapshot, list_snapshots, save_snapshot
 from treeutil import snapshot_tree
 
 FAST = KdfParams(1024, 1)
@@ -90,6 +91,22 @@ def test_round_trip_many_small_and_some_large_files(tmp_path, readers, workers):
     out = str(tmp_path / "out")
     assert_restores_to(repo, res.snapshot, data, out, workers=workers)
     assert os.stat(os.path.join(out, "big_random.dat")).st_ino == os.stat(os.path.join(out, "dir0", "hardlink.dat")).st_ino
+
+
+def test_backups_of_the_same_second_are_listed_newest_first(tmp_path):
+    """Backups started and ended within one second (times are whole seconds) are ordered by
+    descent: ``latest`` is the last of the chain, whatever their ids."""
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    open(os.path.join(data, "f"), "w").write("x")
+    repo = make_repo(tmp_path)
+    first = backup(repo, data).snapshot  # type: ignore[attr-defined]
+    chain = [first]
+    for i in range(6):
+        chain.append(save_snapshot(repo, replace(first, parent=chain[-1].id, description=f"backup {i}")))
+    assert len({(s.time, s.end_time) for s in chain}) == 1
+    assert [s.id for s in list_snapshots(repo)] == [s.id for s in reversed(chain)]
+    assert find_snapshot(repo, "latest").id == chain[-1].id
 
 
 def test_identical_content_is_stored_once_per_run(tmp_path):
