@@ -111,10 +111,10 @@ def _descent(snaps: list[Snapshot]) -> dict[str, int]:
     by_id = {s.id: s for s in snaps}
     depth: dict[str, int] = {}
     for s in snaps:
-        chain = []
+        chain: dict[str, None] = {}  # the ids walked up from s, in order (a dict: O(1) membership)
         cur: Snapshot | None = s
         while cur is not None and cur.id not in depth and cur.id not in chain:
-            chain.append(cur.id)
+            chain[cur.id] = None
             cur = by_id.get(cur.parent) if cur.parent else None
         base = depth[cur.id] + 1 if cur is not None and cur.id in depth else 0
         for sid in reversed(chain):
