@@ -219,13 +219,14 @@ class BlobCodec:
         their literals or not as ``self.literals`` decides, and some batches probe for it."""
         if self.level <= 0 or len(items) < 2 or not all(len(d) for _, d in items):
             return [self.encode(btype, bid, d) for bid, d in items]
-        raw = self.literals is not None and self.literals.raw
+        literals = self.literals
+        raw = literals is not None and literals.raw
         did, zc = self._compressor(btype, raw)
         packed = zc.multi_compress_to_buffer([d for _, d in items], threads=1)
-        if self.literals is not None and self.literals.probe_due():
+        if literals is not None and literals.probe_due():  # the largest chunk, the other way too
             i = max(range(len(items)), key=lambda k: len(items[k][1]))
-            other = len(self._compressor(btype, not raw)[1].compress(items[i][1]))
-            self.literals.record(*((len(packed[i]), other) if not raw else (other, len(packed[i]))))
+            this, other = len(packed[i]), len(self._compressor(btype, not raw)[1].compress(items[i][1]))
+            literals.record(coded=other if raw else this, raw=this if raw else other)
         return [self._seal_smaller(btype, bid, data, did, memoryview(packed[i]))  # type: ignore[arg-type]
                 for i, (bid, data) in enumerate(items)]  # a BufferSegment is a buffer
 
