@@ -75,7 +75,8 @@ class _Scratch(threading.local):
         return memoryview(self.buf)[:size]
 
 
-_scratch = _Scratch()
+_scratch = _Scratch()  # write_at's pieces, read_blocks' blocks
+_reads = _Scratch()  # read_view's ranges
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -234,6 +235,46 @@ def pread(path: str, offset: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+def read_view(path: str, offset: int, length: int) -> memoryview:
+    """``length`` bytes of ``path`` from ``offset`` (fewer at its end), read into this thread's read
+    buffer: the view is valid until the thread's next ``read_view``.
+
+    No allocation and no copy: ``pread`` makes a new object per read, which the kernel must fault
+    in and zero page by page before the bytes are copied into it (0.4 CPU-s per GiB restored).
+    Large reads are direct (the buffer is page-aligned and the read widened to whole pages), small
+    ones and any on a file system that refuses ``O_DIRECT`` go through the page cache.
+    """
+    fd = open_direct(path, os.O_RDONLY | os.O_CLOEXEC) if length >= MIN_DIRECT else None
+    direct = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while True:
+            at = align_down(offset) if direct else offset
+            buf = _reads.view((align_up(offset + length) if direct else offset + length) - at)
+            got = 0
+            try:
+                while got < len(buf):
+                    n = os.preadv(fd, [buf[got:]], at + got)
+                    got += n
+                    if not n or (direct and n % ALIGN):
+                        break  # the end of the file (a direct read ends short only there)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                _refused()  # read again through the page cache
+                os.close(fd)
+                fd = -1  # closed: not to be closed again if the next open fails
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                direct = False
+                continue
+            skip = offset - at
+            return buf[skip:max(skip, min(got, skip + length))]
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def read_blocks(path: str, block: int) -> Iterator[memoryview]:
     """The content of ``path`` in pieces of at most ``block`` bytes (a multiple of ``ALIGN``), read
     with ``O_DIRECT`` when possible, else through the page cache. A piece is valid until the next."""
@@ -252,6 +293,7 @@ def read_blocks(path: str, block: int) -> Iterator[memoryview]:
                     raise
                 _refused()  # go on through the page cache from here
                 os.close(fd)
+                fd = -1  # closed: not to be closed again if the next open fails
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 direct = False
                 continue
@@ -263,4 +305,5 @@ def read_blocks(path: str, block: int) -> Iterator[memoryview]:
                 return  # a direct read ends short only at the end of the file
     finally:
         buf.release()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)

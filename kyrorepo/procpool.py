@@ -63,6 +63,12 @@ Reply = tuple[Any, ...]
 THREADS = 2  # tasks a worker process runs at once: one computing while another waits on the disk
 STOP_TIMEOUT = 10.0  # seconds a worker may take to finish its task after the pool closes
 _HEADER = struct.Struct("<Q")
+# A task allocates and frees its blobs' plaintexts, a few MiB of objects under 128 KiB, over and
+# over. By default glibc gives memory back whenever more than 128 KiB lies free at the top of a
+# heap, and maps blocks of 128 KiB and more (chunks reach that) on their own: either way every
+# reuse faults the pages in and zeroes them afresh. Workers keep up to 16 MiB free per heap and
+# map only blocks of 1 MiB and more (docs/performance.md, "Restore", session 9).
+WORKER_MALLOC = "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=16777216"
 
 
 @dataclass
@@ -251,10 +257,12 @@ class _Worker:
 
 
 def _worker_env() -> dict[str, str]:
-    """The environment of a worker: this one, with the directory holding this kyrorepo first on the path."""
+    """The environment of a worker: this one, with the directory holding this kyrorepo first on the
+    path and ``WORKER_MALLOC`` before any glibc tunables of the user's (theirs win)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (WORKER_MALLOC, env.get("GLIBC_TUNABLES", "")) if t)
     return env
 
 

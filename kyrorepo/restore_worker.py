@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kyrorepo import directio
+from kyrorepo.backends.base import load_view
 from kyrorepo.errors import IntegrityError, KyroError
 from kyrorepo.format import BlobType
 from kyrorepo.procpool import WorkerContext
@@ -156,7 +157,7 @@ def write_segment(ctx: WorkerContext, task: SegmentTask) -> int:
 
 def _open_blobs(ctx: WorkerContext, task: RangeTask) -> list[bytes]:
     try:
-        data = ctx.backend.load(task.pack, task.start, task.end - task.start)
+        data = load_view(ctx.backend, task.pack, task.start, task.end - task.start)
     except KyroError as exc:
         raise IntegrityError(f"pack {task.pack} cannot be read ({exc.message})") from None
     if len(data) != task.end - task.start:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from kyrorepo.backends.base import load_view
 from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError
 from kyrorepo.format import PackEntry, decode_trailer
 from kyrorepo.pack import pack_hasher, pack_name, read_trailer
@@ -70,10 +71,11 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
     carry = b""  # the pack's bytes from carry_at on, for the entries in open_
     carry_at = 0
     pos = 0  # pack offset of the next piece
-    last, last_at = b"", 0  # the last piece read: the trailer is usually in it
+    last: bytes | memoryview = b""  # the last piece read (from last_at on): the trailer is usually in it
+    last_at = 0
     while True:
         try:
-            piece = ctx.backend.load(name, pos, PIECE)
+            piece = load_view(ctx.backend, name, pos, PIECE)  # valid until the next load_view
         except ObjectNotFoundError:
             res.notes.append(missing)
             return res
@@ -118,7 +120,7 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
 
     def tail(offset: int, length: int) -> bytes:
         if last_at <= offset and offset + length <= last_at + len(last):
-            return last[offset - last_at:offset - last_at + length]
+            return bytes(last[offset - last_at:offset - last_at + length])
         return ctx.backend.load(name, offset, length)
 
     try:

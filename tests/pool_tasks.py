@@ -10,3 +10,9 @@ from typing import Any
 def echo_after(ctx: Any, arg: tuple[float, str]) -> str:
     time.sleep(arg[0])
     return arg[1]
+
+
+def environ(ctx: Any, name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)

@@ -14,6 +14,10 @@ from hypothesis import strategies as st
 
 from kyrorepo import directio
 from kyrorepo.backends import LocalBackend
+from kyrorepo.backends.base import load_view
+from kyrorepo.backends.memory import MemoryBackend
+from kyrorepo.backends.wrappers import RetryBackend
+from kyrorepo.errors import ObjectNotFoundError
 from kyrorepo.directio import ALIGN, MIN_DIRECT
 
 pytestmark = pytest.mark.skipif(not directio.O_DIRECT, reason="no O_DIRECT on this platform")
@@ -102,6 +106,49 @@ def test_pread_matches_plain_read(tmp_path_factory: pytest.TempPathFactory, offs
         assert got is None
     else:
         assert got == data[offset:offset + length]
+
+
+@settings(max_examples=40, deadline=None)
+@given(offset=st.integers(0, 1_100_000), length=st.integers(0, 700_000), direct=st.booleans())
+def test_read_view_matches_plain_read(tmp_path_factory: pytest.TempPathFactory, offset: int, length: int,
+                                      direct: bool) -> None:
+    path = str(tmp_path_factory.mktemp("r") / "f")
+    data = pattern(1_000_003, 4)
+    with open(path, "wb") as f:
+        f.write(data)
+    directio._Switch.on = direct
+    assert directio.read_view(path, offset, length) == data[offset:offset + length]
+
+
+def test_read_view_reuses_its_buffer(tmp_path: os.PathLike[str]) -> None:
+    """Ranges read one after another land in the same buffer: no new object per read (that is the
+    point), so a view is valid only until the thread's next read."""
+    path = os.path.join(tmp_path, "f")
+    data = pattern(3 * MIN_DIRECT, 6)
+    with open(path, "wb") as f:
+        f.write(data)
+    first = directio.read_view(path, 0, MIN_DIRECT)
+    assert first == data[:MIN_DIRECT]
+    second = directio.read_view(path, MIN_DIRECT + 1, MIN_DIRECT)
+    assert second == data[MIN_DIRECT + 1:2 * MIN_DIRECT + 1]
+    assert second.obj is first.obj
+    assert first != data[:MIN_DIRECT]  # overwritten by the second read
+
+
+def test_load_view_through_wrappers(tmp_path: os.PathLike[str]) -> None:
+    """``load_view`` gives ``load``'s bytes from a local backend, bare or retried (a view), and from
+    a backend without one (the bytes of its ``load``)."""
+    data = pattern(2 * MIN_DIRECT + 99, 8)
+    local = LocalBackend(str(tmp_path))
+    local.save("data/ab/x", data)
+    memory = MemoryBackend()
+    memory.save("data/ab/x", data)
+    for backend in (local, RetryBackend(local), memory, RetryBackend(memory)):
+        for offset, length in ((0, len(data)), (5, MIN_DIRECT + 3), (len(data) - 10, 100), (0, 7)):
+            assert load_view(backend, "data/ab/x", offset, length) == backend.load("data/ab/x", offset, length)
+    assert isinstance(load_view(RetryBackend(local), "data/ab/x", 0, 7), memoryview)
+    with pytest.raises(ObjectNotFoundError):
+        load_view(RetryBackend(local), "data/ab/missing", 0, 7)
 
 
 @pytest.mark.parametrize("size", [0, 1, ALIGN, 3 * 65536 + 17, 4 * 65536])

@@ -20,7 +20,7 @@ from kyrorepo.format import BlobType
 from kyrorepo.keys import KdfParams
 from kyrorepo import procpool
 from kyrorepo.cli.main import main
-from kyrorepo.procpool import ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
+from kyrorepo.procpool import WORKER_MALLOC, ProcPool, Setup, ThreadRunner, WorkerFailed, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo import restore as restore_mod
 from kyrorepo.restore_worker import FileCheck, check_file
@@ -382,6 +382,20 @@ def test_replies_may_overtake_within_a_worker(tmp_path, echo_after):
         assert pool.wait() == (quick, "quick")
         assert pool.wait() == (slow, "slow")
         assert pool.pending == 0
+    finally:
+        pool.close()
+
+
+def test_workers_keep_freed_memory_for_reuse(tmp_path, echo_after, monkeypatch):
+    """Workers run with procpool.WORKER_MALLOC (glibc keeps freed plaintexts for the next range
+    instead of faulting them in afresh), before the user's own tunables, which win."""
+    from pool_tasks import environ
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    pool = ProcPool(Setup(LocalBackend(str(tmp_path)).reopen_spec(), MasterKey.generate().keys(), 3), 1)
+    try:
+        pool.submit(environ, "GLIBC_TUNABLES")
+        assert pool.wait()[1] == WORKER_MALLOC + ":glibc.malloc.arena_max=2"
     finally:
         pool.close()
 

@@ -78,3 +78,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections; the backend is not used afterwards."""
+
+
+def load_view(backend: Backend, name: str, offset: int, length: int) -> bytes | memoryview:
+    """``backend.load(name, offset, length)``; from a backend that has a ``load_view`` (a local one,
+    wrapped or not), a view of a buffer of this thread, valid only until the thread's next
+    ``load_view``: the bulk reads of restore and the full data check, which open the blobs in a
+    range and let it go."""
+    view = getattr(backend, "load_view", None)
+    return view(name, offset, length) if view is not None else backend.load(name, offset, length)

@@ -107,6 +107,14 @@ class LocalBackend:
         except OSError as exc:
             raise _classify(exc, f"loading {name} from {self.root}") from exc
 
+    def load_view(self, name: str, offset: int, length: int) -> memoryview:
+        """``load``'s range, left in this thread's read buffer (``directio.read_view``): valid until
+        the thread's next ``load_view``."""
+        try:
+            return directio.read_view(self._path(name), offset, length)
+        except OSError as exc:
+            raise _classify(exc, f"loading {name} from {self.root}") from exc
+
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         validate_prefix(prefix)
         # Walk only the directory the prefix lies in, not the whole repository.

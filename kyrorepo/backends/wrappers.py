@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
-from kyrorepo.backends.base import Backend, validate_name
+from kyrorepo.backends.base import Backend, load_view, validate_name
 from kyrorepo.errors import TransientBackendError, UsageError
 
 T = TypeVar("T")
@@ -100,6 +100,10 @@ class RetryBackend:
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._run(f"load {name}", lambda: self.inner.load(name, offset, length))
+
+    def load_view(self, name: str, offset: int, length: int) -> bytes | memoryview:
+        """The inner backend's ``load_view`` (kyrorepo.backends.base.load_view), retried."""
+        return self._run(f"load {name}", lambda: load_view(self.inner, name, offset, length))
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         yield from self._run(f"list {prefix}", lambda: [*self.inner.list(prefix)])
