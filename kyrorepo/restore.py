@@ -50,6 +50,7 @@ __all__ = ["RESTORE_TASKS", "STAGING_TAG", "RestoreOptions", "RestoreResult", "c
            "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
+MAX_PLAIN = 8 * 1024 * 1024  # plaintext of a read's distinct blobs, which its worker holds at once
 MAX_GAP = 256 * 1024  # unneeded bytes a read may span to join the next blob
 SEGMENT_MAX = 256 * 1024 * 1024  # bytes of a large file one worker writes (and hashes) in order
 MAX_FILES_AHEAD = 4096  # files planned but not yet written, checked and finished
@@ -199,30 +200,34 @@ class _Range:
     pack_id: bytes
     start: int
     end: int
+    plain: int  # plaintext bytes of the distinct blobs
     blobs: list[tuple[bytes, int, int]] = field(default_factory=list)  # (id, offset, length)
     index: dict[int, int] = field(default_factory=dict)  # blob offset -> position in blobs
     places: list[tuple[int, _File, int]] = field(default_factory=list)  # (blob, file, file offset)
     files: dict[_File, int] = field(default_factory=dict)  # file -> its index in the task
 
     @classmethod
-    def first(cls, bid: bytes, loc: BlobLocation) -> "_Range":
-        r = cls(loc.pack_id, loc.offset, loc.offset + loc.length)
+    def first(cls, bid: bytes, loc: BlobLocation, length: int) -> "_Range":
+        r = cls(loc.pack_id, loc.offset, loc.offset + loc.length, length)
         r.blobs.append((bid, loc.offset, loc.length))
         r.index[loc.offset] = 0
         return r
 
-    def take(self, bid: bytes, loc: BlobLocation) -> int | None:
-        """Position of blob ``bid`` (at ``loc``) in this read, extending the read to it when it lies
-        at most ``MAX_GAP`` further on and the read stays within ``MAX_RANGE``; None if it cannot join."""
+    def take(self, bid: bytes, loc: BlobLocation, length: int) -> int | None:
+        """Position of blob ``bid`` (at ``loc``, ``length`` bytes of plaintext) in this read,
+        extending the read to it when it lies at most ``MAX_GAP`` further on and the read stays
+        within ``MAX_RANGE`` and ``MAX_PLAIN`` (a highly compressible file would otherwise put
+        hundreds of MiB of plaintext in one read); None if it cannot join."""
         if loc.pack_id != self.pack_id:
             return None
         idx = self.index.get(loc.offset)
         if idx is None and self.end <= loc.offset <= self.end + MAX_GAP \
-                and loc.offset + loc.length - self.start <= MAX_RANGE:
+                and loc.offset + loc.length - self.start <= MAX_RANGE and self.plain + length <= MAX_PLAIN:
             idx = len(self.blobs)
             self.blobs.append((bid, loc.offset, loc.length))
             self.index[loc.offset] = idx
             self.end = loc.offset + loc.length
+            self.plain += length
         return idx if idx is not None and self.blobs[idx][0] == bid else None
 
     def add(self, idx: int, f: _File, offset: int) -> None:
@@ -334,7 +339,7 @@ class _Writer:
             return
         offset = 0
         for bid, length, loc in self._locations(f):
-            self._place(f, offset, bid, loc)
+            self._place(f, offset, bid, length, loc)
             offset += length
         f.planned = True
         if not f.ranges:
@@ -375,11 +380,11 @@ class _Writer:
                 assert r is not None
                 self._submit_segment(f, [*ranges, r], None)
                 ranges, size, r = [], 0, None
-            idx = r.take(bid, loc) if r is not None else None
+            idx = r.take(bid, loc, length) if r is not None else None
             if r is None or idx is None:
                 if r is not None:
                     ranges.append(r)
-                r = _Range.first(bid, loc)
+                r = _Range.first(bid, loc, length)
                 idx = 0
             r.places.append((idx, f, offset))
             offset += length
@@ -401,12 +406,12 @@ class _Writer:
             self._consume_one()
         self._submit(write_segment, SegmentTask(tuple(r.segment_task(f) for r in ranges), check), [f])
 
-    def _place(self, f: _File, offset: int, bid: bytes, loc: BlobLocation) -> None:
+    def _place(self, f: _File, offset: int, bid: bytes, length: int, loc: BlobLocation) -> None:
         r = self.current
-        idx = r.take(bid, loc) if r is not None else None
+        idx = r.take(bid, loc, length) if r is not None else None
         if r is None or idx is None:
             self._flush_range()
-            r = self.current = _Range.first(bid, loc)
+            r = self.current = _Range.first(bid, loc, length)
             idx = 0
         r.add(idx, f, offset)
 

@@ -24,6 +24,7 @@ from kyrorepo.format import BlobType
 from kyrorepo.keys import KdfParams
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
+from kyrorepo import restore as restore_mod, restore_worker
 from kyrorepo.restore import RestoreOptions, run_restore
 from kyrorepo.snapshot import find_snapshot, list_snapshots, save_snapshot
 from treeutil import snapshot_tree
@@ -91,6 +92,35 @@ def test_round_trip_many_small_and_some_large_files(tmp_path, readers, workers):
     out = str(tmp_path / "out")
     assert_restores_to(repo, res.snapshot, data, out, workers=workers)
     assert os.stat(os.path.join(out, "big_random.dat")).st_ino == os.stat(os.path.join(out, "dir0", "hardlink.dat")).st_ino
+
+
+def test_a_read_holds_a_bounded_plaintext_however_well_its_blobs_compress(tmp_path, monkeypatch):
+    """Pages of zeros that differ in a counter compress about 200-fold: 4 MiB of pack would hold
+    hundreds of MiB of plaintext, which one worker opens at once. Each read stays within
+    MAX_PLAIN of distinct plaintext, and the file restores whole."""
+    data = tmp_path / "data"
+    data.mkdir()
+    page = bytearray(8192)
+    with open(data / "compressible.dat", "wb") as f:
+        for i in range(2048):  # 16 MiB
+            page[100:108] = (i * 2654435761).to_bytes(8, "little")
+            f.write(page)
+    repo = make_repo(tmp_path)
+    res = backup(repo, str(data))
+    assert repo.writer.stats.packs_written == 1  # all 16 MiB in well under 4 MiB of pack
+    monkeypatch.setattr(restore_mod, "MAX_PLAIN", 2 * MiB)
+    opened: list[int] = []
+    real = restore_worker._open_blobs
+
+    def recording(ctx, task):  # type: ignore[no-untyped-def]
+        plains = real(ctx, task)
+        opened.append(sum(len(p) for p in plains))
+        return plains
+
+    monkeypatch.setattr(restore_worker, "_open_blobs", recording)
+    assert_restores_to(repo, res.snapshot, str(data), str(tmp_path / "out"), workers=2)
+    assert sum(opened) == 16 * MiB and len(opened) >= 8
+    assert max(opened) <= 2 * MiB
 
 
 def test_backups_of_the_same_second_are_listed_newest_first(tmp_path):
