@@ -11,7 +11,7 @@ trained on the repository's own data gives zstd the context a small chunk lacks
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import zstandard
 
@@ -257,12 +257,52 @@ class BlobCodec:
 
     def decode(self, btype: BlobType, bid: bytes, sealed: bytes | memoryview, what: str, check_id: bool = True) -> bytes:
         """Open, decompress and (by default) re-hash a sealed blob."""
-        body = self.keys.open(btype, bid, sealed, what)
+        return self._plaintext(bid, self.keys.open(btype, bid, sealed, what), what, check_id)
+
+    def _plaintext(self, bid: bytes, body: bytes, what: str, check_id: bool) -> bytes:
+        """The plaintext of an opened blob's body (decompressed, re-hashed when ``check_id``)."""
         did = self._frame_dict(body)
         if did is None:
             return self._raw(bid, body, what, check_id)
         data = self._decompress_with(did, memoryview(body)[1 + len(did):], what)
         return self._checked(bid, data, what) if check_id else data
+
+    def open_many(self, btype: BlobType, items: Iterable[tuple[bytes, bytes | memoryview]],
+                  what: Callable[[int], str]) -> list[bytes]:
+        """``decode(btype, id, sealed, what(i), check_id=False)`` of each (id, sealed blob) in ``items``,
+        in order, raising the first blob's error: restore's loop (its files are checked against
+        their digests instead). ``what(i)`` names item ``i`` and is called only for a blob that
+        fails; each dictionary's decompressor is looked up once per call."""
+        open_ = self.keys.open
+        zds: dict[bytes, zstandard.ZstdDecompressor] = {}
+        out: list[bytes] = []
+        for i, (bid, sealed) in enumerate(items):
+            try:
+                body = open_(btype, bid, sealed, "")
+            except IntegrityError:
+                body = open_(btype, bid, sealed, what(i))  # fails again, with the name
+            kind = body[0] if body else -1
+            if kind == COMP_RAW:
+                out.append(body[1:])
+                continue
+            zd, at = None, 1
+            if kind == COMP_ZSTD:
+                zd = zds.get(b"")
+                if zd is None:
+                    zd = zds[b""] = self._zd()
+            elif kind == COMP_ZSTD_DICT and len(body) > 1 + ID_LEN:
+                did, at = body[1:1 + ID_LEN], 1 + ID_LEN
+                zd = zds.get(did)
+                if zd is None and self.dicts is not None:  # (its errors name the dictionary, not the blob)
+                    zd = zds[did] = self._dict_zd(did, "")
+            if zd is not None:
+                try:
+                    out.append(zd.decompress(memoryview(body)[at:], max_output_size=MAX_BLOB))
+                    continue
+                except zstandard.ZstdError:
+                    pass  # decoded again below, for its error
+            out.append(self._plaintext(bid, body, what(i), False))
+        return out
 
     def decode_many(self, btype: BlobType, items: Sequence[tuple[bytes, bytes | memoryview]],
                     what: Callable[[int], str]) -> list[bytes | memoryview | IntegrityError]:

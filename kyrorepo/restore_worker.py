@@ -163,9 +163,9 @@ def _open_blobs(ctx: WorkerContext, task: RangeTask) -> list[bytes]:
     if len(data) != task.end - task.start:
         raise IntegrityError(f"pack {task.pack} is truncated")
     view = memoryview(data)
-    decode = ctx.codec.decode
-    return [decode(BlobType.DATA, bid, view[off - task.start:off - task.start + ln],
-                   f"chunk {bid.hex()[:16]} in {task.pack}", check_id=False) for bid, off, ln in task.blobs]
+    start = task.start
+    return ctx.codec.open_many(BlobType.DATA, [(bid, view[off - start:off - start + ln]) for bid, off, ln in task.blobs],
+                               lambda i: f"chunk {task.blobs[i][0].hex()[:16]} in {task.pack}")
 
 
 def _descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int:

@@ -79,6 +79,41 @@ def test_decode_many_opens_each_blob_and_names_each_damaged_one():
     assert "authentication" in got[1].message and "does not match its id" in got[6].message  # type: ignore[union-attr]
 
 
+def test_open_many_opens_what_decode_opens_and_names_the_first_damaged_blob():
+    """Restore's loop: each blob's plaintext, without the re-hash (a blob sealed under another id
+    opens); the first blob that does not open raises decode's error, naming it, and a name is
+    made only for that blob."""
+    codec = dict_codec()
+    data = chunks()
+    items = items_of(data)
+    sealed = codec.encode_many(BlobType.DATA, items)
+    batch = [(bid, memoryview(s)) for (bid, _), s in zip(items, sealed)]
+    asked: list[int] = []
+
+    def what(i: int) -> str:
+        asked.append(i)
+        return f"blob {i}"
+
+    assert [bytes(p) for p in codec.open_many(BlobType.DATA, batch, what)] == data and not asked
+    plain = BlobCodec(KEYS, 2)  # no dictionary: zstd frames of their own
+    unboxed = [(bid, s) for (bid, _), s in zip(items, plain.encode_many(BlobType.DATA, items))]
+    assert {KEYS.open(BlobType.DATA, bid, s, "x")[0] for bid, s in unboxed} == {COMP_ZSTD, COMP_RAW}
+    assert plain.open_many(BlobType.DATA, unboxed, what) == data and not asked
+    other = KEYS.blob_id(b"something else")
+    assert codec.open_many(BlobType.DATA, [(other, codec.encode(BlobType.DATA, other, data[3]))], what) == [data[3]]
+    flipped = sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])
+    for bad in (codec.encode(BlobType.DATA, other, data[0]), flipped, b"short"):
+        with pytest.raises(IntegrityError) as info:
+            codec.open_many(BlobType.DATA, [*batch[:2], (items[0][0], bad), *batch[2:]], what)
+        with pytest.raises(IntegrityError) as alone:
+            codec.decode(BlobType.DATA, items[0][0], bad, "blob 2", check_id=False)
+        assert info.value.message == alone.value.message and asked == [2]
+        asked.clear()
+    assert any(KEYS.open(BlobType.DATA, bid, s, "x")[0] == COMP_ZSTD_DICT for (bid, _), s in zip(items, sealed))
+    with pytest.raises(IntegrityError, match="^blob 0 was compressed with a dictionary, which only a repository"):
+        BlobCodec(KEYS, 2).open_many(BlobType.DATA, batch, what)
+
+
 def test_decode_many_without_the_dictionary_fails_only_the_blobs_that_need_it():
     items = items_of(chunks())
     sealed = dict_codec().encode_many(BlobType.DATA, items)
