@@ -10,6 +10,7 @@ trained on the repository's own data gives zstd the context a small chunk lacks
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable, Iterable, Sequence
 
@@ -281,26 +282,19 @@ class BlobCodec:
                 body = open_(btype, bid, sealed, "")
             except IntegrityError:
                 body = open_(btype, bid, sealed, what(i))  # fails again, with the name
-            kind = body[0] if body else -1
-            if kind == COMP_RAW:
-                out.append(body[1:])
-                continue
-            zd, at = None, 1
-            if kind == COMP_ZSTD:
-                zd = zds.get(b"")
-                if zd is None:
-                    zd = zds[b""] = self._zd()
-            elif kind == COMP_ZSTD_DICT and len(body) > 1 + ID_LEN:
-                did, at = body[1:1 + ID_LEN], 1 + ID_LEN
-                zd = zds.get(did)
-                if zd is None and self.dicts is not None:  # (its errors name the dictionary, not the blob)
-                    zd = zds[did] = self._dict_zd(did, "")
-            if zd is not None:
-                try:
-                    out.append(zd.decompress(memoryview(body)[at:], max_output_size=MAX_BLOB))
+            did = self._frame_dict(body)
+            if did is None:
+                if body and body[0] == COMP_RAW:
+                    out.append(body[1:])
                     continue
-                except zstandard.ZstdError:
-                    pass  # decoded again below, for its error
+            else:
+                zd = zds.get(did)
+                if zd is None and (not did or self.dicts is not None):  # (its errors name the dictionary)
+                    zd = zds[did] = self._dict_zd(did, "") if did else self._zd()
+                if zd is not None:
+                    with contextlib.suppress(zstandard.ZstdError):  # else decoded again below, for its error
+                        out.append(zd.decompress(memoryview(body)[1 + len(did):], max_output_size=MAX_BLOB))
+                        continue
             out.append(self._plaintext(bid, body, what(i), False))
         return out
 
