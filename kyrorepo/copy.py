@@ -20,8 +20,9 @@ from kyrorepo.errors import IntegrityError, ObjectNotFoundError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
 from kyrorepo.keys import KdfParams
+from kyrorepo.opening import unlock_master
 from kyrorepo.pack import pack_name
-from kyrorepo.repository import OBJECT_DIRS, Repository, unlock_master
+from kyrorepo.repository import OBJECT_DIRS, Repository
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.tree import DIR, FILE, Node, load_content, unpackb
 from kyrorepo.wal.capture import Capture

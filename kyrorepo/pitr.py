@@ -29,7 +29,8 @@ from kyrorepo.backup import default_source
 from kyrorepo.errors import IntegrityError, NotFoundError, PitrUnreachableError, RefusedError, UsageError
 from kyrorepo.repository import Repository
 from kyrorepo.restore import RestoreOptions, existing_files, is_nonempty, refuse_message, write_snapshot
-from kyrorepo.snapshot import Snapshot, iso_time, list_snapshots
+from kyrorepo.snapshot import Snapshot, list_snapshots
+from kyrorepo.timefmt import iso_time
 from kyrorepo.staging import staged_restore
 from kyrorepo.tree import FILE, Node
 from kyrorepo.wal import ChronicleCodec, CutPoint, WalCodec

@@ -61,6 +61,11 @@ R = TypeVar("R")
 Reply = tuple[Any, ...]
 
 THREADS = 2  # tasks a worker process runs at once: one computing while another waits on the disk
+# What the worker processes of a restore and of the data check import: named here, not read
+# from their task functions, so that a command can start its workers (``prestart_for``)
+# before it imports its own modules (tests/test_restore_processes.py pins both).
+RESTORE_TASKS = "kyrorepo.restore_worker"
+SCAN_TASKS = "kyrorepo.verify_pack"
 STOP_TIMEOUT = 10.0  # seconds a worker may take to finish its task after the pool closes
 _HEADER = struct.Struct("<Q")
 # A task allocates and frees its blobs' plaintexts, a few MiB of objects under 128 KiB, over and
@@ -302,6 +307,11 @@ def _start_worker(setup: Setup, env: dict[str, str]) -> _Worker:
 
 _SPARES: list[tuple[_Worker, dict[str, str]]] = []  # prestarted workers and their environment
 _STOPPER: list[object] = []  # stop_spares, once registered at exit
+
+
+def default_workers() -> int:
+    """Worker processes of a restore: one per CPU, at least two."""
+    return max(2, os.cpu_count() or 2)
 
 
 def prestart(processes: int, preload: tuple[str, ...] = ()) -> None:

@@ -7,7 +7,6 @@ Layout (docs/format.md): ``config``, ``keys/<id>``, ``data/<2 hex>/<pack id>``,
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import time
@@ -27,7 +26,6 @@ from kyrorepo.errors import (
     ObjectNotFoundError,
     RepositoryExistsError,
     UsageError,
-    WrongPasswordError,
 )
 from kyrorepo.format import (
     FORMAT_VERSION,
@@ -42,8 +40,9 @@ from kyrorepo.format import (
 )
 from kyrorepo.ids import ID_LEN, from_hex, is_hex_prefix
 from kyrorepo.index import BlobLocation, IndexCache, open_cache
-from kyrorepo.keys import KdfParams, make_key_file, open_key_file
+from kyrorepo.keys import KdfParams, make_key_file
 from kyrorepo.locks import LockInfo, Refresher, conflicting, locked_error, new_lock
+from kyrorepo.opening import repository_exists, unlock_master
 from kyrorepo.pack import pack_name, read_trailer
 from kyrorepo.tree import packb, unpackb
 from kyrorepo.writer import BlobWriter
@@ -88,11 +87,6 @@ class RepoConfig:
             raise IntegrityError(f"repository config is malformed ({exc})") from None
 
 
-def default_cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kyrorepo")
-
-
 class Repository:
     def __init__(self, backend: Backend, master: MasterKey, config: RepoConfig, cache_root: str) -> None:
         self.backend = backend
@@ -120,7 +114,7 @@ class Repository:
         kdf: KdfParams = KdfParams(),
         master: MasterKey | None = None,
     ) -> "Repository":
-        if _exists(backend):
+        if repository_exists(backend):
             raise RepositoryExistsError(f"a repository already exists at {backend.describe()}: use it, or choose an empty location")
         if not 0 <= compression_level <= 22:
             raise UsageError(f"compression level {compression_level} is outside 0..22")
@@ -140,7 +134,11 @@ class Repository:
 
     @classmethod
     def open(cls, backend: Backend, password: bytes, cache_root: str) -> "Repository":
-        master = unlock_master(backend, password)
+        return cls.unlocked(backend, unlock_master(backend, password), cache_root)
+
+    @classmethod
+    def unlocked(cls, backend: Backend, master: MasterKey, cache_root: str) -> "Repository":
+        """Open with a master key already unlocked (``kyrorepo.opening``)."""
         return cls(backend, master, read_config(backend, master), cache_root)
 
     def close(self) -> None:
@@ -321,37 +319,6 @@ class Repository:
                     self.backend.remove(f"locks/{info.name}")
                 removed.append(info)
         return removed
-
-
-def _exists(backend: Backend) -> bool:
-    try:
-        backend.stat("config")
-        return True
-    except ObjectNotFoundError:
-        return False
-
-
-def unlock_master(backend: Backend, password: bytes) -> MasterKey:
-    """Try every key object; raise WrongPasswordError when none opens."""
-    if not _exists(backend):
-        raise NoRepositoryError(
-            f"no kyrorepo repository at {backend.describe()}: check --repo, or create one with 'kyrorepo init'"
-        )
-    key_names = sorted(n for n, _ in backend.list("keys/"))
-    if not key_names:
-        raise IntegrityError(f"repository at {backend.describe()} has no key objects: restore keys/ from a copy")
-    damaged: list[IntegrityError] = []
-    for name in key_names:
-        key_id = name.split("/", 1)[1]
-        try:
-            return open_key_file(backend.load(name), key_id, password)
-        except WrongPasswordError:
-            continue
-        except IntegrityError as exc:
-            damaged.append(exc)
-    if damaged and len(damaged) == len(key_names):
-        raise damaged[0]
-    raise WrongPasswordError(f"wrong passphrase for the repository at {backend.describe()}: no key object opens with it")
 
 
 def read_config(backend: Backend, master: MasterKey) -> RepoConfig:

@@ -32,7 +32,7 @@ from kyrorepo.errors import IntegrityError, RefusedError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
 from kyrorepo.pack import pack_name
-from kyrorepo.procpool import Runner, WorkerContext, open_runner
+from kyrorepo.procpool import Runner, WorkerContext, default_workers, open_runner
 from kyrorepo.repository import Repository
 from kyrorepo.restore_worker import FileCheck, RangeTask, SegmentTask, check_file, write_range, write_segment
 from kyrorepo.snapshot import Snapshot
@@ -46,7 +46,7 @@ from kyrorepo.staging import (
 from kyrorepo.tree import DIR, FILE, SYMLINK, Node, Ref
 from kyrorepo.walk import chunk_refs, walk
 
-__all__ = ["RESTORE_TASKS", "STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
+__all__ = ["STAGING_TAG", "RestoreOptions", "RestoreResult", "clean_stale_staging", "existing_files",
            "is_nonempty", "plan_restore", "refuse_message", "run_restore", "write_snapshot"]
 
 MAX_RANGE = 4 * 1024 * 1024  # bytes of one pack read
@@ -56,7 +56,6 @@ SEGMENT_MAX = 256 * 1024 * 1024  # bytes of a large file one worker writes (and 
 MAX_FILES_AHEAD = 4096  # files planned but not yet written, checked and finished
 LOOKUP_BATCH = 256  # chunk ids looked up in one index transaction
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-RESTORE_TASKS = write_range.__module__  # what restore's worker processes import (procpool.prestart_for)
 
 Progress = Callable[[int, int], None]
 
@@ -87,10 +86,6 @@ def tune_allocator() -> None:
         mallopt = ctypes.CDLL(None).mallopt
         for param, value in ALLOCATOR_SETTINGS:
             mallopt(param, value)
-
-
-def default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
 
 
 @dataclass

@@ -6,7 +6,6 @@ BLAKE3 of that plaintext; listing decrypts each object (they are small).
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -146,21 +145,3 @@ def find_snapshot(repo: Repository, ref: str, source: str | None = None) -> Snap
     if source is not None and snap.source != source:
         raise UsageError(f"backup {snap.short_id} belongs to source {snap.source}, not {source}")
     return snap
-
-
-def iso_time(ts: int) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> int:
-    """Unix seconds or ISO 8601 (UTC when no offset) -> Unix seconds."""
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        dt = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"time {text!r} is neither Unix seconds nor ISO 8601 (e.g. 2025-10-20T14:30:00Z)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=_dt.timezone.utc)
-    return int(dt.timestamp())

@@ -29,7 +29,6 @@ from kyrorepo.verify_index import SCAN_BATCH, WorkIndex
 from kyrorepo.verify_pack import PackFindings, PackJob, scan_pack
 from kyrorepo.verify_report import Coverage
 
-SCAN_TASKS = scan_pack.__module__  # what the data check's worker processes import (procpool.prestart_for)
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -35,3 +35,31 @@ def test_help_lists_every_command_and_a_command_loads_only_its_module():
     assert "kyrorepo.cli.list_cmds" in loaded
     for other in ("kyrorepo.cli.prune_cmds", "kyrorepo.cli.wal_cmds", "kyrorepo.prune", "rich", "boto3", "paramiko"):
         assert f"'{other}" not in loaded
+
+
+# Commands run often or by scripts (an archive command runs wal-push once per WAL file):
+# their modules import the repository's modules only once the passphrase is being
+# stretched on a thread (kyrorepo.opening, RepoOptions.open), so that the two overlap.
+QUICK_STARTS = ("backup", "create-full", "create-incremental", "restore", "list", "snapshots", "ls",
+                "wal-push", "wal-fetch", "restore-pitr", "pitr-window")
+
+
+def test_often_run_commands_parse_their_arguments_before_the_repository_modules_load():
+    probe = ("import sys; from kyrorepo.cli.main import main; "
+             f"[main([c, '--help']) for c in {QUICK_STARTS!r}]; "
+             "print(sorted(m for m in sys.modules if m.startswith('kyrorepo.')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for module in ("kyrorepo.cli.backup_cmds", "kyrorepo.cli.restore_cmds", "kyrorepo.cli.wal_cmds", "kyrorepo.opening"):
+        assert f"'{module}'" in loaded
+    for heavy in ("kyrorepo.repository", "kyrorepo.index", "kyrorepo.backup", "kyrorepo.restore", "kyrorepo.snapshot",
+                  "kyrorepo.walcapture", "kyrorepo.pitr", "kyrorepo.procpool"):
+        assert f"'{heavy}'" not in loaded
+
+
+def test_worker_task_modules_named_for_prestart_are_those_of_the_task_functions():
+    from kyrorepo import procpool
+    from kyrorepo.restore_worker import write_range, write_segment
+    from kyrorepo.verify_pack import scan_pack
+
+    assert procpool.RESTORE_TASKS == write_range.__module__ == write_segment.__module__
+    assert procpool.SCAN_TASKS == scan_pack.__module__

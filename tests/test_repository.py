@@ -11,6 +11,7 @@ from kyrorepo.backends import LocalBackend, MemoryBackend
 from kyrorepo.errors import IntegrityError, LockedError, NoRepositoryError, RepositoryExistsError, WrongPasswordError
 from kyrorepo.format import BlobType, PackInfo
 from kyrorepo.keys import KdfParams
+from kyrorepo.opening import Unlocking, unlock_master
 from kyrorepo.pack import PackBuilder, pack_name
 from kyrorepo.repository import Repository
 
@@ -68,6 +69,26 @@ def test_wrong_password_and_second_key(tmp_path):
         Repository.open(repo.backend, b"nope", str(tmp_path / "c"))
     repo.add_key(b"second", FAST)
     assert Repository.open(repo.backend, b"second", str(tmp_path / "c")).config.repo_id == repo.config.repo_id
+
+
+def test_unlocking_on_a_thread_gives_the_key_or_the_error_unlock_master_gives(tmp_path):
+    repo = make_repo(tmp_path)
+    repo.add_key(b"second", FAST)
+    for password in (b"pw", b"second"):
+        unlocking = Unlocking(repo.backend, password)
+        master = unlocking.master()
+        assert master.secret == repo.master.secret == unlock_master(repo.backend, password).secret
+        assert Repository.unlocked(repo.backend, master, str(tmp_path / "c")).config == repo.config
+    wrong = Unlocking(repo.backend, b"nope")
+    wrong.wait()  # the caller may wait first (to close the backend), and still gets the error
+    with pytest.raises(WrongPasswordError):
+        wrong.master()
+    with pytest.raises(NoRepositoryError):
+        Unlocking(LocalBackend(str(tmp_path / "none")), b"pw").master()
+    for name, _ in list(repo.backend.list("keys/")):
+        repo.backend.save(name, b"{}")
+    with pytest.raises(IntegrityError, match="damaged"):
+        Unlocking(repo.backend, b"pw").master()
 
 
 def test_memory_backend_repository(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from kyrorepo.backup import BackupOptions, BackupResult, default_source, dir_bytes, run_backup
 from kyrorepo.cli.common import (
     RepoOptions,
     emit_json,
@@ -18,15 +18,23 @@ from kyrorepo.cli.common import (
     repo_options,
     warn,
 )
-from kyrorepo.metrics import textfile_after_backup
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import ExitCode, NotFoundError, UsageError
-from kyrorepo.snapshot import Snapshot, find_snapshot, iso_time, list_snapshots, parse_time
-from kyrorepo.walcapture import WalBackup, choose_codec
+from kyrorepo.timefmt import iso_time, parse_time
+
+if TYPE_CHECKING:
+    from kyrorepo.backup import BackupResult
+    from kyrorepo.snapshot import Snapshot
+    from kyrorepo.walcapture import WalBackup
+
+# Imported while the key is derived (RepoOptions.open), then by the functions that use them.
+BACKUP_MODULES = ("kyrorepo.backup", "kyrorepo.walcapture", "kyrorepo.snapshot", "kyrorepo.metrics")
 
 
 def wal_backup(wal_spec: str | None, data_dir: str, t: int | None) -> WalBackup | None:
     """WAL capture for a backup: the codec given or detected; None for plain files."""
+    from kyrorepo.walcapture import WalBackup, choose_codec
+
     if not os.path.isdir(data_dir):
         return None  # run_backup says what is wrong
     codec = choose_codec(wal_spec, data_dir)
@@ -40,10 +48,14 @@ def do_backup(ropts: RepoOptions, data_dir: str, source: str | None, description
               wal_spec: str | None = None, metrics_file: str | None = None) -> None:
     if not data_dir:
         raise UsageError("no data directory given: pass --data-dir")
-    src = source or default_source(data_dir)
     t = parse_time(when) if when else None
-    repo = ropts.open()
+    repo = ropts.open(preload=BACKUP_MODULES)
     try:
+        from kyrorepo.backup import BackupOptions, default_source, dir_bytes, run_backup
+        from kyrorepo.metrics import textfile_after_backup
+        from kyrorepo.snapshot import find_snapshot, list_snapshots
+
+        src = source or default_source(data_dir)
         with repo.lock():
             parent: Snapshot | None = None
             if parent_id:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING
 
 import click
 
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, repo_options
 from kyrorepo.errors import NotFoundError
-from kyrorepo.snapshot import Snapshot, find_snapshot, iso_time, list_snapshots
+from kyrorepo.timefmt import iso_time
 from kyrorepo.tree import DIR, FILE, SYMLINK
-from kyrorepo.walk import find_node, walk
+
+if TYPE_CHECKING:
+    from kyrorepo.snapshot import Snapshot
+
+# Imported while the key is derived (RepoOptions.open), then by the commands that use them.
+LIST_MODULES = ("kyrorepo.snapshot", "kyrorepo.walk")
 
 
 def snapshot_json(s: Snapshot) -> dict:
@@ -26,8 +32,10 @@ def snapshot_json(s: Snapshot) -> dict:
 
 
 def _list(ropts: RepoOptions, source: str | None, as_json: bool) -> None:
-    repo = ropts.open()
+    repo = ropts.open(preload=LIST_MODULES)
     try:
+        from kyrorepo.snapshot import list_snapshots
+
         snaps = list_snapshots(repo, source)
     finally:
         repo.close()
@@ -77,8 +85,11 @@ _TYPE_CHAR = {DIR: "d", FILE: "-", SYMLINK: "l"}
 @json_option
 def ls_cmd(ropts: RepoOptions, backup_id: str, path: str, source: str | None, as_json: bool) -> None:
     """List the files of a backup (below PATH)."""
-    repo = ropts.open()
+    repo = ropts.open(preload=LIST_MODULES)
     try:
+        from kyrorepo.snapshot import find_snapshot
+        from kyrorepo.walk import find_node, walk
+
         snap = find_snapshot(repo, backup_id, source)
         prefix = os.fsencode(path.strip("/"))
         tree = snap.tree

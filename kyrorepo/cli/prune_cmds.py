@@ -23,7 +23,8 @@ from kyrorepo.retention import (
     parse_duration,
     parse_tags,
 )
-from kyrorepo.snapshot import Snapshot, iso_time
+from kyrorepo.snapshot import Snapshot
+from kyrorepo.timefmt import iso_time
 
 # Seed (kyrodb_backup) forms: flag -> (within rule it stands for, Duration from its number)
 SEED_FORMS: dict[str, tuple[str, Callable[[int], Duration]]] = {

@@ -16,12 +16,11 @@ from kyrorepo.cli.common import (
     opened_with_workers,
     repo_options,
 )
-from kyrorepo.metrics import textfile_after_restore
 from kyrorepo.cli.progress import byte_progress
-from kyrorepo.restore import RESTORE_TASKS, RestoreOptions, plan_restore, run_restore
-from kyrorepo.snapshot import find_snapshot
 
 DRY_LIST_MAX = 50
+# Imported while the key is derived (RepoOptions.open), then by the command that uses them.
+RESTORE_MODULES = ("kyrorepo.restore", "kyrorepo.snapshot", "kyrorepo.metrics")
 
 
 def allow_clear_from_env() -> bool:
@@ -62,9 +61,16 @@ def print_plan(plan, snap_id: str, as_json: bool) -> None:  # type: ignore[no-un
 def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None, allow_clear: bool, dry_run: bool,
             includes: tuple[str, ...], metrics_file: str | None, as_json: bool) -> None:
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
-    opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
-                          includes=includes)
-    with opened_with_workers(ropts, None if dry_run else opts.workers, RESTORE_TASKS) as repo, repo.lock():
+    from kyrorepo.procpool import RESTORE_TASKS, default_workers
+
+    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS,
+                             RESTORE_MODULES) as repo, repo.lock():
+        from kyrorepo.metrics import textfile_after_restore
+        from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
+        from kyrorepo.snapshot import find_snapshot
+
+        opts = RestoreOptions(target=target, allow_clear=allow_clear or allow_clear_from_env(), dry_run=dry_run,
+                              includes=includes)
         snap = find_snapshot(repo, backup_id, source)
         repo.sync_index()
         if dry_run:

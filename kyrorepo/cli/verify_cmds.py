@@ -11,7 +11,8 @@ from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import IntegrityError, UsageError
 from kyrorepo.repair import IndexRepair, SnapshotRepair, repair_index, repair_snapshots
 from kyrorepo.verify import DEFAULT_WORKERS, VerifyOptions, run_verify
-from kyrorepo.verify_data import SCAN_TASKS, parse_subset
+from kyrorepo.procpool import SCAN_TASKS
+from kyrorepo.verify_data import parse_subset
 from kyrorepo.verify_report import Damage, VerifyReport
 
 SHOW_FILES = 5

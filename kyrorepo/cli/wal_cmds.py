@@ -8,26 +8,23 @@ import re
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from kyrorepo.backup import default_source
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
 from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, allow_clear_from_env
 from kyrorepo.errors import KyroError, NotFoundError, UsageError
-from kyrorepo.pitr import PitrOptions, PitrResult, SourceWindow, pitr_windows, run_pitr
-from kyrorepo.restore import RESTORE_TASKS, default_workers
-from kyrorepo.snapshot import iso_time, parse_time
-from kyrorepo.walcapture import (
-    NO_WAL,
-    Archiver,
-    CaptureResult,
-    choose_codec,
-    codec_from_spec,
-    fetch_file,
-    push_file,
-)
+from kyrorepo.timefmt import iso_time, parse_time
+
+if TYPE_CHECKING:
+    from kyrorepo.pitr import PitrResult, SourceWindow
+    from kyrorepo.walcapture import Archiver, CaptureResult
+
+# Imported while the key is derived (RepoOptions.open), then by the commands that use them:
+# wal-push runs once per WAL file (an archive command), so its start-up counts.
+WAL_MODULES = ("kyrorepo.walcapture", "kyrorepo.backup")
+PITR_MODULES = ("kyrorepo.pitr",)
 
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -95,6 +92,8 @@ def wal_archive(ropts: RepoOptions, data_dir: str, source: str | None, interval:
     stores only new bytes. Captures are not backups: 'list' does not show them,
     'pitr-window' does.
     """
+    from kyrorepo.walcapture import NO_WAL, Archiver, choose_codec
+
     pause = parse_interval(interval)
     if when is not None and not once:
         raise UsageError("--time is only allowed with --once")
@@ -105,8 +104,10 @@ def wal_archive(ropts: RepoOptions, data_dir: str, source: str | None, interval:
     codec = choose_codec(wal_spec, data_dir)
     if codec is None:
         raise UsageError(f"no database WAL found in {data_dir}: pass --wal kyrodb, chronicle or segments:GLOB")
-    repo = ropts.open()
+    repo = ropts.open(preload=WAL_MODULES)
     try:
+        from kyrorepo.backup import default_source
+
         archiver = Archiver(repo, codec, data_dir, source or default_source(data_dir))
         if once:
             _report_capture(archiver.capture(_when_ns(when)), as_json, loop=False)
@@ -151,10 +152,17 @@ def wal_push(ropts: RepoOptions, source: str | None, wal_spec: str | None, file:
     """
     if not os.path.isfile(file):
         raise UsageError(f"wal-push: {file} is not a regular file")
-    codec = codec_from_spec(wal_spec) if wal_spec and wal_spec != NO_WAL else None
-    src = source or default_source(os.getcwd())
-    repo = ropts.open()
+    codec = None
+    if wal_spec:
+        from kyrorepo.walcapture import NO_WAL, codec_from_spec
+
+        codec = None if wal_spec == NO_WAL else codec_from_spec(wal_spec)
+    repo = ropts.open(preload=WAL_MODULES)
     try:
+        from kyrorepo.backup import default_source
+        from kyrorepo.walcapture import push_file
+
+        src = source or default_source(os.getcwd())
         r = push_file(repo, file, src, codec, os.getcwd())
     finally:
         repo.close()
@@ -176,9 +184,12 @@ def wal_push(ropts: RepoOptions, source: str | None, wal_spec: str | None, file:
 @json_option
 def wal_fetch(ropts: RepoOptions, source: str | None, name: str, dest: str, as_json: bool) -> None:
     """Write the captured WAL file NAME to DEST (a restore command); exit 1 if unknown."""
-    src = source or default_source(os.getcwd())
-    repo = ropts.open()
+    repo = ropts.open(preload=WAL_MODULES)
     try:
+        from kyrorepo.backup import default_source
+        from kyrorepo.walcapture import fetch_file
+
+        src = source or default_source(os.getcwd())
         cap, size = fetch_file(repo, name, dest, src)
     finally:
         repo.close()
@@ -248,9 +259,15 @@ def restore_pitr(ropts: RepoOptions, timestamp: str, target: str, source: str | 
     Exit 14 when the second cannot be reached exactly (before the oldest backup, after the
     newest capture, or across a gap in the captured WAL).
     """
-    opts = PitrOptions(target=target, t=parse_time(timestamp), source=source,
-                       allow_clear=allow_clear or allow_clear_from_env(), allow_gap=allow_gap, dry_run=dry_run)
-    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS) as repo, repo.lock():
+    from kyrorepo.procpool import RESTORE_TASKS, default_workers
+
+    t = parse_time(timestamp)
+    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS,
+                             PITR_MODULES) as repo, repo.lock():
+        from kyrorepo.pitr import PitrOptions, run_pitr
+
+        opts = PitrOptions(target=target, t=t, source=source, allow_clear=allow_clear or allow_clear_from_env(),
+                           allow_gap=allow_gap, dry_run=dry_run)
         result = run_pitr(repo, opts)
     for w in result.warnings:
         warn(w)
@@ -285,8 +302,10 @@ def _window_json(w: SourceWindow) -> dict[str, Any]:
 @json_option
 def pitr_window(ropts: RepoOptions, source: str | None, as_json: bool) -> None:
     """Per source: the earliest and latest second restore-pitr can reach, and the gaps."""
-    repo = ropts.open()
+    repo = ropts.open(preload=PITR_MODULES)
     try:
+        from kyrorepo.pitr import pitr_windows
+
         windows = pitr_windows(repo, source)
     finally:
         repo.close()
