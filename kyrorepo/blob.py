@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import zstandard
 
@@ -269,19 +269,21 @@ class BlobCodec:
         return self._checked(bid, data, what) if check_id else data
 
     def open_many(self, btype: BlobType, items: Iterable[tuple[bytes, bytes | memoryview]],
-                  what: Callable[[int], str]) -> list[bytes]:
+                  what: Callable[[int], str], types: Mapping[int, BlobType] | None = None) -> list[bytes]:
         """``decode(btype, id, sealed, what(i), check_id=False)`` of each (id, sealed blob) in ``items``,
         in order, raising the first blob's error: restore's loop (its files are checked against
         their digests instead). ``what(i)`` names item ``i`` and is called only for a blob that
-        fails; each dictionary's decompressor is looked up once per call."""
+        fails; each dictionary's decompressor is looked up once per call. ``types``: item ->
+        the type an item was sealed as when not ``btype`` (docs/format.md, "Blob ids and types")."""
         open_ = self.keys.open
         zds: dict[bytes, zstandard.ZstdDecompressor] = {}
         out: list[bytes] = []
         for i, (bid, sealed) in enumerate(items):
+            sealed_as = types.get(i, btype) if types else btype
             try:
-                body = open_(btype, bid, sealed, "")
+                body = open_(sealed_as, bid, sealed, "")
             except IntegrityError:
-                body = open_(btype, bid, sealed, what(i))  # fails again, with the name
+                body = open_(sealed_as, bid, sealed, what(i))  # fails again, with the name
             did = self._frame_dict(body)
             if did is None:
                 if body and body[0] == COMP_RAW:

@@ -79,9 +79,9 @@ def entry_record(pack_id: bytes, e: PackEntry) -> bytes:
     return LOC.pack(pack_id, e.type, e.offset, e.length, e.raw_length)
 
 
-def record_pack_type(raw: bytes) -> tuple[bytes, int]:
-    """A location record's pack id and blob type number, the rest left undecoded."""
-    return raw[:ID_LEN], raw[ID_LEN]
+def record_pack(raw: bytes) -> bytes:
+    """A location record's pack id, the rest left undecoded."""
+    return raw[:ID_LEN]
 
 
 class IndexCache:

@@ -41,7 +41,7 @@ from kyrorepo.format import (
 from kyrorepo.ids import ID_LEN
 from kyrorepo.pack import PackBuilder, pack_id_of, pack_name, parse_pack
 from kyrorepo.repository import Repository
-from kyrorepo.prune_state import PruneState
+from kyrorepo.prune_state import WALKED_CONTENT, WALKED_TREE, PruneState
 from kyrorepo.retention import DAY, Duration, ForgetPlan, Policy, plan_forget
 from kyrorepo.snapshot import Snapshot, list_snapshots
 from kyrorepo.tree import DIR, FILE, load_content
@@ -120,7 +120,7 @@ def mark(repo: Repository, state: PruneState, roots: Roots) -> int:
     state.clear("used")
     with state.adder() as used:
         def content(bid: bytes, level: int) -> None:
-            if not used.add(bid):
+            if not used.walk(bid, WALKED_CONTENT):
                 return
             for ref, _ in load_content(bid, level, lambda b: repo.load_blob(b, BlobType.CONTENT)):
                 if level == 0:
@@ -135,7 +135,7 @@ def mark(repo: Repository, state: PruneState, roots: Roots) -> int:
         stack = list(roots.trees)
         while stack:
             tree_id = stack.pop()
-            if not used.add(tree_id):
+            if not used.walk(tree_id, WALKED_TREE):
                 continue
             for node in load_tree(repo, tree_id):
                 if node.type == DIR and node.subtree is not None:

@@ -19,13 +19,18 @@ from kyrorepo.lmdbutil import lmdb_file_intact
 from kyrorepo.repository import Repository
 
 MARK_COMMIT_EVERY = 65536
+# What a used blob was walked as: a chunk, a tree and a content list with the same plaintext
+# have one id (docs/format.md, "Blob ids and types"), and each must be walked as what it is
+# referenced as, whatever the id was first marked as.
+WALKED_TREE = 1
+WALKED_CONTENT = 2
 _TIME = struct.Struct("<Q")
 
 
 class PruneState:
     """Local LMDB beside the index cache: the used-blob set and crash journals.
 
-    ``used``  blob id -> b""  (rebuilt by every run)
+    ``used``  blob id -> b"" or the ``WALKED_*`` flags it was walked with  (rebuilt by every run)
     ``own``   pack id -> time: packs a repack saved, not yet known to be indexed
     ``doomed`` pack id -> time: packs to remove once no index segment lists them
     ``seen``  pack id -> time an unindexed pack was first seen (grace period)
@@ -89,12 +94,27 @@ class UsedAdder:
         self.puts = 0
         self.new = 0
 
-    def add(self, bid: bytes) -> bool:
-        """Add ``bid``; return whether it was not in the set yet."""
+    def _tick(self) -> None:
         self.puts += 1
         if self.puts % MARK_COMMIT_EVERY == 0:
             self.txn.commit()
             self.txn = self.env.begin(write=True, db=self.db)
+
+    def add(self, bid: bytes) -> bool:
+        """Add ``bid``; return whether it was not in the set yet."""
+        self._tick()
         new = bool(self.txn.put(bid, b"", overwrite=False))
         self.new += new
         return new
+
+    def walk(self, bid: bytes, flag: int) -> bool:
+        """Add ``bid`` as a blob to walk as ``flag`` (``WALKED_TREE``, ``WALKED_CONTENT``); return
+        whether it was not walked as one yet (it may be in the set as a chunk already)."""
+        self._tick()
+        old = self.txn.get(bid)
+        have = old[0] if old else 0
+        if have & flag:
+            return False
+        self.new += old is None
+        self.txn.put(bid, bytes([have | flag]))
+        return True

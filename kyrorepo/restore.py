@@ -198,6 +198,7 @@ class _Range:
     plain: int  # plaintext bytes of the distinct blobs
     blobs: list[tuple[bytes, int, int]] = field(default_factory=list)  # (id, offset, length)
     index: dict[int, int] = field(default_factory=dict)  # blob offset -> position in blobs
+    types: dict[int, int] = field(default_factory=dict)  # position -> type, for blobs not sealed as data
     places: list[tuple[int, _File, int]] = field(default_factory=list)  # (blob, file, file offset)
     files: dict[_File, int] = field(default_factory=dict)  # file -> its index in the task
 
@@ -206,6 +207,8 @@ class _Range:
         r = cls(loc.pack_id, loc.offset, loc.offset + loc.length, length)
         r.blobs.append((bid, loc.offset, loc.length))
         r.index[loc.offset] = 0
+        if loc.type != BlobType.DATA:
+            r.types[0] = int(loc.type)
         return r
 
     def take(self, bid: bytes, loc: BlobLocation, length: int) -> int | None:
@@ -221,6 +224,8 @@ class _Range:
             idx = len(self.blobs)
             self.blobs.append((bid, loc.offset, loc.length))
             self.index[loc.offset] = idx
+            if loc.type != BlobType.DATA:
+                self.types[idx] = int(loc.type)
             self.end = loc.offset + loc.length
             self.plain += length
         return idx if idx is not None and self.blobs[idx][0] == bid else None
@@ -240,12 +245,14 @@ class _Range:
             f.whole = f.planned and f.ranges == 1
             files.append((f.dest, f.shown, f.check() if f.whole else None))
         return RangeTask(pack_name(self.pack_id), self.start, self.end, tuple(self.blobs),
-                         tuple((idx, self.files[f], off) for idx, f, off in self.places), tuple(files))
+                         tuple((idx, self.files[f], off) for idx, f, off in self.places), tuple(files),
+                         tuple(self.types.items()))
 
     def segment_task(self, f: _File) -> RangeTask:
         """The range as part of a ``SegmentTask``: every place is in ``f``."""
         return RangeTask(pack_name(self.pack_id), self.start, self.end, tuple(self.blobs),
-                         tuple((idx, 0, off) for idx, _, off in self.places), ((f.dest, f.shown, None),))
+                         tuple((idx, 0, off) for idx, _, off in self.places), ((f.dest, f.shown, None),),
+                         tuple(self.types.items()))
 
 
 class _Writer:
@@ -357,10 +364,7 @@ class _Writer:
             if loc is None:
                 raise IntegrityError(f"file {f.shown}: chunk {bid.hex()[:16]} is not in the index; "
                                      "run 'kyrorepo verify'")
-            if loc.type != BlobType.DATA:
-                raise IntegrityError(f"file {f.shown}: chunk {bid.hex()[:16]} is a "
-                                     f"{loc.type.name.lower()} blob, expected data")
-            yield bid, length, loc
+            yield bid, length, loc  # of any packed type: its plaintext is the chunk's (_Range.types)
 
     def _plan_segments(self, f: _File) -> None:
         """Plan a large file as ``SegmentTask``s of its own ranges, each written in order by one

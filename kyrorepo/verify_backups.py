@@ -2,9 +2,9 @@
 
 Backup objects are loaded once each; their trees and content lists are loaded through
 verify's own view of the index (never the local cache) and decoded; every blob they
-reference must be indexed with the type it is referenced as. Each tree's and content
-list's result is remembered in the work index (``memo``), so trees shared by several
-backups are walked once. Damage found is attributed to the backups and files that depend
+reference must be indexed, as any type (docs/format.md, "Blob ids and types"). Each
+tree's and content list's result is remembered in the work index (``memo``), so trees
+shared by several backups are walked once. Damage found is attributed to the backups and files that depend
 on it. ``repair snapshots`` reuses these findings to rewrite damaged backups.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgpack
 
 from kyrorepo.errors import IntegrityError, NotFoundError, ObjectNotFoundError
-from kyrorepo.format import BlobType, blob_type
+from kyrorepo.format import BlobType
 from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, load_snapshot
@@ -45,6 +45,7 @@ class BackupChecker:
         self.backup_ids = backup_ids
         self.source = source
         self._loaded: dict[str, Snapshot | None] = {}
+        self._misread: dict[bytes, int] = {}  # see ``misread``
         self._record_needed = True
         self._last_needed = b""  # the pack last recorded as needed
 
@@ -106,19 +107,16 @@ class BackupChecker:
 
     # --- trees and content lists ----------------------------------------------------------------
 
-    def ref_damage(self, bid: bytes, btype: BlobType) -> int | None:
-        """The damage a referenced blob belongs to, or None when it is indexed with its type."""
+    def ref_damage(self, bid: bytes) -> int | None:
+        """The damage a referenced blob belongs to, or None when it is indexed. Its indexed type
+        may differ from the reference's: a chunk, a tree and a content list with the same
+        plaintext have the same id and are stored once (docs/format.md, "Blob ids and types")."""
         idx = self.ledger.blob_damage(bid)
         if idx is not None:
             return idx
-        found = self.work.pack_and_type(bid)
-        if found is None:
+        pack_id = self.work.pack_of(bid)
+        if pack_id is None:
             return self.ledger.add_unindexed(bid)
-        pack_id, type_number = found
-        if type_number != btype:
-            indexed = blob_type(type_number).name.lower()
-            return self.ledger.add_damage(f"blob {bid.hex()[:16]}", f"is indexed as a {indexed} blob but "
-                                          f"referenced as a {btype.name.lower()} blob", [bid])
         self._need(pack_id)
         return None
 
@@ -131,22 +129,22 @@ class BackupChecker:
     def chunks_damage(self, bids: list[bytes]) -> int | None:
         """``ref_damage`` of every data chunk in ``bids`` (each damaged one is recorded): the first
         damage, or None. While no damage is known, the chunks are looked up together and only
-        those not indexed as data chunks take ``ref_damage``'s way (which records them)."""
+        those not indexed take ``ref_damage``'s way (which records them)."""
         if self.work.any_damage:
-            damage = [self.ref_damage(bid, BlobType.DATA) for bid in bids]
+            damage = [self.ref_damage(bid) for bid in bids]
             return next((i for i in damage if i is not None), None)
         first = None
-        for bid, found in zip(bids, self.work.packs_and_types(bids)):
-            if found is not None and found[1] == BlobType.DATA:
-                self._need(found[0])
+        for bid, pack_id in zip(bids, self.work.packs_of(bids)):
+            if pack_id is not None:
+                self._need(pack_id)
                 continue
-            idx = self.ref_damage(bid, BlobType.DATA)
+            idx = self.ref_damage(bid)
             first = idx if first is None else first
         return first
 
     def load_meta(self, bid: bytes, btype: BlobType) -> bytes:
         """Load a tree or content-list blob through verify's own index; raise Lost."""
-        idx = self.ref_damage(bid, btype)
+        idx = self.ref_damage(bid)
         if idx is not None:
             raise Lost(idx)
         loc = self.work.location(bid)
@@ -160,9 +158,20 @@ class BackupChecker:
         if len(sealed) != loc.length:
             raise Lost(self.ledger.add_damage(what, "is cut short: its pack is truncated", [bid]))
         try:
-            return self.repo.codec.decode(btype, bid, sealed, what)
+            return self.repo.codec.decode(loc.type, bid, sealed, what)
         except IntegrityError as exc:
             raise Lost(self.ledger.add_damage(what, reason_of(exc, what), [bid])) from None
+
+    def misread(self, key: bytes, obj: str, reason: str) -> int:
+        """Damage of references to a blob that opens and matches its id but is not what they
+        take it for (it does not decode as a tree, or as a content list of their level).
+        Recorded once per ``key`` (what the reference takes the blob for), and not against the
+        blob: other references may rightly use it as what it is (docs/format.md, "Blob ids
+        and types"), and 'repair snapshots' drops the references, never the blob."""
+        idx = self._misread.get(key)
+        if idx is None:
+            idx = self._misread[key] = self.ledger.add_damage(obj, reason, reference=True)
+        return idx
 
     def load_tree(self, tid: bytes) -> list[Node]:
         """A tree's nodes, loaded through verify's own index; raise Lost or IntegrityError."""
@@ -181,7 +190,7 @@ class BackupChecker:
         except Lost as lost:
             pairs = [(b"", lost.idx)]
         except IntegrityError as exc:
-            pairs = [(b"", self.ledger.add_damage(f"tree blob {tid.hex()[:16]}", reason_of(exc, what), [tid]))]
+            pairs = [(b"", self.misread(key, f"tree blob {tid.hex()[:16]}", reason_of(exc, what)))]
         else:
             for node in nodes:
                 if node.type == DIR and node.subtree is not None:
@@ -200,7 +209,7 @@ class BackupChecker:
             return self.chunks_damage([bid for bid, _ in node.chunks])
         if node.content is None:
             return None
-        key = b"c" + node.content[0]
+        key = b"c%d:" % node.content[1] + node.content[0]
         raw = self.work.get(self.work.memo, key)
         if raw is not None:
             return U32.unpack(raw)[0] if raw else None
@@ -211,14 +220,15 @@ class BackupChecker:
     def content_damage(self, bid: bytes, level: int) -> int | None:
         """Like ``tree.iter_chunk_refs``, but every ref is checked (each damaged part is recorded)."""
         what = f"content list {bid.hex()[:16]}"
+        key = b"c%d:" % level + bid
         try:
             got, refs = decode_content(self.load_meta(bid, BlobType.CONTENT), what)
         except Lost as lost:
             return lost.idx
         except IntegrityError as exc:
-            return self.ledger.add_damage(what, reason_of(exc, what), [bid])
+            return self.misread(key, what, reason_of(exc, what))
         if got != level:
-            return self.ledger.add_damage(what, f"is level {got}, expected {level}", [bid])
+            return self.misread(key, what, f"is level {got}, referenced as level {level}")
         if level == 0:
             return self.chunks_damage([c for c, _ in refs])
         found = [self.content_damage(c, level - 1) for c, _ in refs]

@@ -28,7 +28,7 @@ import lmdb
 
 from kyrorepo.format import PackEntry, PackInfo, decode_trailer, encode_trailer
 from kyrorepo.ids import ID_LEN
-from kyrorepo.index import BlobLocation, decode_location, entry_record, record_pack_type
+from kyrorepo.index import BlobLocation, decode_location, entry_record, record_pack
 from kyrorepo.lmdbutil import MappedPages
 from kyrorepo.locks import pid_alive
 
@@ -195,19 +195,19 @@ class WorkIndex:
         raw = self.get(self.blobs, bid)
         return None if raw is None else decode_location(raw)
 
-    def pack_and_type(self, bid: bytes) -> tuple[bytes, int] | None:
-        """The pack id and blob type number of a blob's first location, the rest undecoded
-        (the backup walk asks this once per chunk)."""
+    def pack_of(self, bid: bytes) -> bytes | None:
+        """The pack id of a blob's first location, the rest undecoded (the backup walk asks
+        this once per chunk)."""
         raw = self.get(self.blobs, bid)
-        return None if raw is None else record_pack_type(raw)
+        return None if raw is None else record_pack(raw)
 
-    def packs_and_types(self, bids: list[bytes]) -> list[tuple[bytes, int] | None]:
-        """``pack_and_type`` of each blob, looked up together (the backup walk asks this for all
-        the chunks of a file or content list at once)."""
+    def packs_of(self, bids: list[bytes]) -> list[bytes | None]:
+        """``pack_of`` each blob, looked up together (the backup walk asks this for all the
+        chunks of a file or content list at once)."""
         get, db = self.txn.get, self.blobs
         raws = [get(b, db=db) for b in bids]
         self._touch(len(bids))
-        return [None if raw is None else record_pack_type(raw) for raw in raws]
+        return [None if raw is None else record_pack(raw) for raw in raws]
 
     def has_record(self, bid: bytes, record: bytes) -> bool:
         """Whether ``bid`` has this location record (laid out as the index cache's)."""

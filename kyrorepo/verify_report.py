@@ -35,6 +35,7 @@ class Damage:
     reason: str
     blobs: int = 0  # blobs lost with it
     index_level: bool = False  # 'repair index' fixes it
+    reference: bool = False  # references that are wrong (the blob they name is sound): 'repair snapshots' drops them
     pinned: bool = False  # its backups are known up front (a damaged backup object)
     backups: set[str] = field(default_factory=set)
     files: list[tuple[str, str]] = field(default_factory=list)  # (backup id, path), at most FILES_CAP
@@ -92,7 +93,7 @@ class VerifyReport:
     def hint(self) -> str:
         if any(d.index_level for d in self.damage):
             return "run 'kyrorepo repair index', then verify again"
-        if any(d.blobs and d.backups for d in self.damage):
+        if any((d.blobs or d.reference) and d.backups for d in self.damage):
             return "run 'kyrorepo repair snapshots --dry-run' to see what a repair would drop"
         return "restore the damaged objects from a copy of the repository"
 
@@ -124,9 +125,9 @@ class DamageLedger:
         self._unindexed: int | None = None
 
     def add_damage(self, obj: str, reason: str, blobs: Iterable[bytes] = (), index_level: bool = False,
-                   backup: str | None = None) -> int:
+                   backup: str | None = None, reference: bool = False) -> int:
         idx = len(self.report.damage)
-        d = Damage(obj, reason, index_level=index_level, pinned=backup is not None)
+        d = Damage(obj, reason, index_level=index_level, pinned=backup is not None, reference=reference)
         if backup is not None:
             d.backups.add(backup)
         self.report.damage.append(d)

@@ -114,6 +114,19 @@ def test_open_many_opens_what_decode_opens_and_names_the_first_damaged_blob():
         BlobCodec(KEYS, 2).open_many(BlobType.DATA, batch, what)
 
 
+def test_open_many_opens_each_blob_as_the_type_it_was_sealed_as():
+    """A chunk stored as a tree (a tree with the same plaintext came first: docs/format.md, "Blob
+    ids and types") is opened as one when ``types`` says so, and fails authentication if not."""
+    codec = dict_codec()
+    data = chunks()
+    items = items_of(data)
+    sealed = [codec.encode(BlobType.TREE if i == 1 else BlobType.DATA, bid, d) for i, (bid, d) in enumerate(items)]
+    batch = list(zip((bid for bid, _ in items), sealed))
+    assert codec.open_many(BlobType.DATA, batch, str, {1: BlobType.TREE}) == data
+    with pytest.raises(IntegrityError, match="^1 failed authentication"):
+        codec.open_many(BlobType.DATA, batch, str)
+
+
 def test_decode_many_without_the_dictionary_fails_only_the_blobs_that_need_it():
     items = items_of(chunks())
     sealed = dict_codec().encode_many(BlobType.DATA, items)

@@ -415,3 +415,52 @@ def test_damaged_or_missing_packs_are_never_made_worse(k):
     assert k("prune", "--keep-last", "1", expect=13) == ""
     assert {p for p in k.files() if p.startswith("data")} == {p for p in before if p.startswith("data")}
     assert s3 in k.ids()
+
+
+# --- one id, two types -----------------------------------------------------------------------
+
+
+def _open(k: K) -> Repository:
+    repo = Repository.open(open_backend(k.repo), PW.encode(), k.cache)
+    repo.sync_index()
+    return repo
+
+
+def _top_node(repo: Repository, sid: str, name: bytes):
+    from kyrorepo.snapshot import find_snapshot
+    from kyrorepo.walk import load_tree
+
+    return next(n for n in load_tree(repo, find_snapshot(repo, sid).tree) if n.name == name)
+
+
+@pytest.mark.parametrize("stored_first", [BlobType.TREE, BlobType.DATA])
+@pytest.mark.parametrize("file_backup_older", [True, False])
+def test_a_file_holding_a_trees_exact_bytes_shares_its_id_and_every_backup_survives(k, stored_first,
+                                                                                  file_backup_older):
+    """A chunk and a tree with the same plaintext have one id and are stored once, as the type
+    that came first (docs/format.md, "Blob ids and types"). Every backup still restores, verify
+    finds nothing, and prune keeps what the tree references whichever use of the id its mark
+    phase meets first (it used to skip walking a tree whose id it had met as a chunk)."""
+    trees, files = k.tmp / "trees", k.tmp / "files"
+    write(trees / "d" / "c", random.Random(9).randbytes(300_000))  # only the tree of d references c
+    write(files / "other", b"x" * 1000)
+    first = k.backup(trees, "2025-01-01T00:00:00", "--tag", "first")
+    repo = _open(k)
+    tree_id = _top_node(repo, first, b"d").subtree
+    plaintext = repo.load_blob(tree_id, BlobType.TREE)
+    repo.close()
+    t_files, t_trees = ("2025-01-02T00:00:00", "2025-01-03T00:00:00")[::1 if file_backup_older else -1]
+    write(files / "copy-of-a-tree", plaintext)
+    if stored_first == BlobType.DATA:  # the tree's id goes, comes back as a chunk, then as a tree again
+        k("prune", "--keep-tag", "none-such", "--max-unused", "0%", "--unindexed-grace", "0")
+        assert k.ids() == set()
+        s_files = k.backup(files, t_files)
+        k.backup(trees, t_trees)
+    else:
+        s_files = k.backup(files, t_files)
+    repo = _open(k)
+    assert _top_node(repo, s_files, b"copy-of-a-tree").chunks == ((tree_id, len(plaintext)),)
+    assert repo.lookup(tree_id).type == stored_first
+    repo.close()
+    k("prune", "--gc-only", "--max-unused", "0%", "--unindexed-grace", "0")
+    k.restore_all()
