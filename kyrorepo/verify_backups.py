@@ -4,8 +4,9 @@ Backup objects are loaded once each; their trees and content lists are loaded th
 verify's own view of the index (never the local cache) and decoded; every blob they
 reference must be indexed, as any type (docs/format.md, "Blob ids and types"). Each
 tree's and content list's result is remembered in the work index (``memo``), so trees
-shared by several backups are walked once. Damage found is attributed to the backups and files that depend
-on it. ``repair snapshots`` reuses these findings to rewrite damaged backups.
+shared by several backups are walked once. Damage found is attributed to the backups and
+files that depend on it. ``repair snapshots`` reuses these findings to rewrite damaged
+backups.
 """
 
 from __future__ import annotations
