@@ -235,6 +235,13 @@ def pread(path: str, offset: int, length: int) -> bytes | None:
         os.close(fd)
 
 
+def _open_read(path: str, direct: bool) -> tuple[int, bool]:
+    """A descriptor to read ``path``, with ``O_DIRECT`` when ``direct`` and the file system allows
+    it (``open_direct``), else through the page cache; and whether it is direct."""
+    fd = open_direct(path, os.O_RDONLY | os.O_CLOEXEC) if direct else None
+    return (fd, True) if fd is not None else (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False)
+
+
 def read_view(path: str, offset: int, length: int) -> memoryview:
     """``length`` bytes of ``path`` from ``offset`` (fewer at its end), read into this thread's read
     buffer: the view is valid until the thread's next ``read_view``.
@@ -244,10 +251,7 @@ def read_view(path: str, offset: int, length: int) -> memoryview:
     Large reads are direct (the buffer is page-aligned and the read widened to whole pages), small
     ones and any on a file system that refuses ``O_DIRECT`` go through the page cache.
     """
-    fd = open_direct(path, os.O_RDONLY | os.O_CLOEXEC) if length >= MIN_DIRECT else None
-    direct = fd is not None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, direct = _open_read(path, length >= MIN_DIRECT)
     try:
         while True:
             at = align_down(offset) if direct else offset
@@ -265,8 +269,7 @@ def read_view(path: str, offset: int, length: int) -> memoryview:
                 _refused()  # read again through the page cache
                 os.close(fd)
                 fd = -1  # closed: not to be closed again if the next open fails
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                direct = False
+                fd, direct = _open_read(path, False)
                 continue
             skip = offset - at
             return buf[skip:max(skip, min(got, skip + length))]
@@ -278,10 +281,7 @@ def read_view(path: str, offset: int, length: int) -> memoryview:
 def read_blocks(path: str, block: int) -> Iterator[memoryview]:
     """The content of ``path`` in pieces of at most ``block`` bytes (a multiple of ``ALIGN``), read
     with ``O_DIRECT`` when possible, else through the page cache. A piece is valid until the next."""
-    fd = open_direct(path, os.O_RDONLY | os.O_CLOEXEC)
-    direct = fd is not None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, direct = _open_read(path, True)
     buf = _scratch.view(min(block, PIECE)) if direct else memoryview(bytearray(block))
     try:
         pos = 0
@@ -294,8 +294,7 @@ def read_blocks(path: str, block: int) -> Iterator[memoryview]:
                 _refused()  # go on through the page cache from here
                 os.close(fd)
                 fd = -1  # closed: not to be closed again if the next open fails
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                direct = False
+                fd, direct = _open_read(path, False)
                 continue
             if not n:
                 return

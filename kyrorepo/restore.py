@@ -198,18 +198,26 @@ class _Range:
     plain: int  # plaintext bytes of the distinct blobs
     blobs: list[tuple[bytes, int, int]] = field(default_factory=list)  # (id, offset, length)
     index: dict[int, int] = field(default_factory=dict)  # blob offset -> position in blobs
-    types: dict[int, int] = field(default_factory=dict)  # position -> type, for blobs not sealed as data
+    types: dict[int, BlobType] = field(default_factory=dict)  # position -> type, for blobs not sealed as data
     places: list[tuple[int, _File, int]] = field(default_factory=list)  # (blob, file, file offset)
     files: dict[_File, int] = field(default_factory=dict)  # file -> its index in the task
 
     @classmethod
     def first(cls, bid: bytes, loc: BlobLocation, length: int) -> "_Range":
-        r = cls(loc.pack_id, loc.offset, loc.offset + loc.length, length)
-        r.blobs.append((bid, loc.offset, loc.length))
-        r.index[loc.offset] = 0
-        if loc.type != BlobType.DATA:
-            r.types[0] = int(loc.type)
+        r = cls(loc.pack_id, loc.offset, loc.offset, 0)
+        r._append(bid, loc, length)
         return r
+
+    def _append(self, bid: bytes, loc: BlobLocation, length: int) -> int:
+        """Add blob ``bid`` (at ``loc``, ``length`` bytes of plaintext) at the end of the read."""
+        idx = len(self.blobs)
+        self.blobs.append((bid, loc.offset, loc.length))
+        self.index[loc.offset] = idx
+        if loc.type != BlobType.DATA:
+            self.types[idx] = loc.type
+        self.end = loc.offset + loc.length
+        self.plain += length
+        return idx
 
     def take(self, bid: bytes, loc: BlobLocation, length: int) -> int | None:
         """Position of blob ``bid`` (at ``loc``, ``length`` bytes of plaintext) in this read,
@@ -221,13 +229,7 @@ class _Range:
         idx = self.index.get(loc.offset)
         if idx is None and self.end <= loc.offset <= self.end + MAX_GAP \
                 and loc.offset + loc.length - self.start <= MAX_RANGE and self.plain + length <= MAX_PLAIN:
-            idx = len(self.blobs)
-            self.blobs.append((bid, loc.offset, loc.length))
-            self.index[loc.offset] = idx
-            if loc.type != BlobType.DATA:
-                self.types[idx] = int(loc.type)
-            self.end = loc.offset + loc.length
-            self.plain += length
+            idx = self._append(bid, loc, length)
         return idx if idx is not None and self.blobs[idx][0] == bid else None
 
     def add(self, idx: int, f: _File, offset: int) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from kyrorepo import directio
 from kyrorepo.backends.base import load_view
 from kyrorepo.errors import IntegrityError, KyroError
-from kyrorepo.format import BlobType, blob_type
+from kyrorepo.format import BlobType
 from kyrorepo.procpool import WorkerContext
 
 IOV_MAX = 512  # buffers per pwritev
@@ -85,8 +85,8 @@ class RangeTask:
     ``blobs``: (id, offset in the pack, sealed length), each once; ``places``: (blob
     index, file index, file offset) in file order; ``files``: per file index its
     destination, its name in messages, and its ``FileCheck`` when the range holds the
-    whole file (else None); ``types``: (blob index, type number) of the blobs sealed as
-    another type than data (a chunk whose plaintext a tree or content list has too).
+    whole file (else None); ``types``: (blob index, type) of the blobs sealed as another
+    type than data (a chunk whose plaintext a tree or content list has too).
     """
 
     pack: str
@@ -95,7 +95,7 @@ class RangeTask:
     blobs: tuple[tuple[bytes, int, int], ...]
     places: tuple[tuple[int, int, int], ...]
     files: tuple[tuple[str, str, FileCheck | None], ...]
-    types: tuple[tuple[int, int], ...] = ()
+    types: tuple[tuple[int, BlobType], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _open_blobs(ctx: WorkerContext, task: RangeTask) -> list[bytes]:
     start = task.start
     return ctx.codec.open_many(BlobType.DATA, [(bid, view[off - start:off - start + ln]) for bid, off, ln in task.blobs],
                                lambda i: f"chunk {task.blobs[i][0].hex()[:16]} in {task.pack}",
-                               {i: blob_type(t) for i, t in task.types} if task.types else None)
+                               dict(task.types))
 
 
 def _descriptor(task: RangeTask, fds: dict[int, int], fi: int) -> int:
