@@ -32,7 +32,8 @@ from kyrorepo.pack import pack_name
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot, save_snapshot
 from kyrorepo.tree import DIR, FILE, Node, encode_tree
-from kyrorepo.verify import DEFAULT_WORKERS, Verifier, VerifyOptions
+from kyrorepo.verify import Verifier
+from kyrorepo.verify_options import DEFAULT_WORKERS, VerifyOptions
 from kyrorepo.verify_backups import Lost
 from kyrorepo.verify_data import bounded_map, pack_id_from_name, read_trailer
 from kyrorepo.verify_report import VerifyReport

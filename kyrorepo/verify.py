@@ -25,18 +25,16 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from kyrorepo.audit_log import AuditLog, PackRecord, ScanRun, open_audit_log
 from kyrorepo.procpool import Runner
-from kyrorepo.errors import IntegrityError, UsageError
+from kyrorepo.errors import IntegrityError
 from kyrorepo.repository import Repository
 from kyrorepo.snapshot import Snapshot
 from kyrorepo.verify_backups import BackupChecker
 from kyrorepo.verify_data import (
     PackResult,
-    Subset,
     coverage,
     forget_absent,
     full_scan_run,
@@ -46,6 +44,7 @@ from kyrorepo.verify_data import (
     subset_packs,
 )
 from kyrorepo.verify_index import WorkIndex
+from kyrorepo.verify_options import VerifyOptions
 from kyrorepo.verify_report import DamageLedger, RestoreDrill, VerifyReport
 from kyrorepo.verify_structure import (
     check_cache,
@@ -57,43 +56,6 @@ from kyrorepo.verify_structure import (
     list_packs,
     load_segments,
 )
-
-DEFAULT_WORKERS = 4
-
-Progress = Callable[[int, int], None]  # (bytes read delta, files delta: always 0 here)
-
-
-@dataclass
-class VerifyOptions:
-    backup_ids: tuple[str, ...] = ()
-    source: str | None = None
-    full_scan: bool = False
-    subset: Subset | None = None
-    resume: bool = False
-    restore_test: bool = False
-    restore_dir: str | None = None
-    workers: int = DEFAULT_WORKERS
-    progress: Progress | None = None
-
-    def validate(self) -> "VerifyOptions":
-        if self.subset is not None and (self.full_scan or self.resume):
-            raise UsageError("--read-data-subset audits part of the data: do not combine it with --full-scan or --resume")
-        if self.resume:
-            self.full_scan = True
-        if self.workers < 1:
-            raise UsageError(f"--workers {self.workers} must be at least 1")
-        return self
-
-    @property
-    def reads_data(self) -> bool:
-        """Whether packs are read (a full scan or a subset audit), by worker processes when the
-        backend can be reopened in them."""
-        return self.full_scan or self.subset is not None
-
-    @property
-    def mode(self) -> str:
-        return "full-scan" if self.full_scan else "subset" if self.subset is not None else "structure"
-
 
 class Verifier:
     """Runs the checks; ``repair`` reuses its findings (``ledger``, ``backups``, ``work``)."""

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from kyrorepo.audit_log import AuditLog, DamageNote, PackRecord, ScanRun
-from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError, UsageError
+from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError
 from kyrorepo.format import PackEntry
 from kyrorepo.ids import ID_LEN
 from kyrorepo.pack import pack_name
 from kyrorepo.procpool import Runner, open_runner, ordered_map
 from kyrorepo.repository import Repository
 from kyrorepo.verify_index import SCAN_BATCH, WorkIndex
+from kyrorepo.verify_options import Subset
 from kyrorepo.verify_pack import PackFindings, PackJob, scan_pack
 from kyrorepo.verify_report import Coverage
 
@@ -35,30 +36,6 @@ R = TypeVar("R")
 
 
 # --- which packs --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Subset:
-    """``percent`` of the packs (least recently checked first), or group n of m (by pack id)."""
-
-    percent: float | None = None
-    group: tuple[int, int] | None = None
-
-
-def parse_subset(text: str) -> Subset:
-    t = text.strip()
-    try:
-        if t.endswith("%"):
-            pct = float(t[:-1])
-            if 0 < pct <= 100:
-                return Subset(percent=pct)
-        elif "/" in t:
-            n, m = (int(x) for x in t.split("/", 1))
-            if 1 <= n <= m:
-                return Subset(group=(n, m))
-    except ValueError:
-        pass
-    raise UsageError(f"read-data-subset {text!r} is not understood: use N% (0 < N <= 100) or N/M (1 <= N <= M)")
 
 
 def pack_id_from_name(name: str) -> bytes | None:

@@ -41,7 +41,7 @@ def test_help_lists_every_command_and_a_command_loads_only_its_module():
 # their modules import the repository's modules only once the passphrase is being
 # stretched on a thread (kyrorepo.opening, RepoOptions.open), so that the two overlap.
 QUICK_STARTS = ("backup", "create-full", "create-incremental", "restore", "list", "snapshots", "ls",
-                "wal-push", "wal-fetch", "restore-pitr", "pitr-window")
+                "wal-push", "wal-fetch", "restore-pitr", "pitr-window", "verify")
 
 
 def test_often_run_commands_parse_their_arguments_before_the_repository_modules_load():
@@ -49,10 +49,11 @@ def test_often_run_commands_parse_their_arguments_before_the_repository_modules_
              f"[main([c, '--help']) for c in {QUICK_STARTS!r}]; "
              "print(sorted(m for m in sys.modules if m.startswith('kyrorepo.')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    for module in ("kyrorepo.cli.backup_cmds", "kyrorepo.cli.restore_cmds", "kyrorepo.cli.wal_cmds", "kyrorepo.opening"):
+    for module in ("kyrorepo.cli.backup_cmds", "kyrorepo.cli.restore_cmds", "kyrorepo.cli.wal_cmds",
+                   "kyrorepo.cli.verify_cmds", "kyrorepo.opening"):
         assert f"'{module}'" in loaded
     for heavy in ("kyrorepo.repository", "kyrorepo.index", "kyrorepo.backup", "kyrorepo.restore", "kyrorepo.snapshot",
-                  "kyrorepo.walcapture", "kyrorepo.pitr", "kyrorepo.procpool"):
+                  "kyrorepo.walcapture", "kyrorepo.pitr", "kyrorepo.procpool", "kyrorepo.verify", "kyrorepo.repair"):
         assert f"'{heavy}'" not in loaded
 
 

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
 from kyrorepo.cli.progress import byte_progress
 from kyrorepo.errors import IntegrityError, UsageError
-from kyrorepo.repair import IndexRepair, SnapshotRepair, repair_index, repair_snapshots
-from kyrorepo.verify import DEFAULT_WORKERS, VerifyOptions, run_verify
-from kyrorepo.procpool import SCAN_TASKS
-from kyrorepo.verify_data import parse_subset
-from kyrorepo.verify_report import Damage, VerifyReport
+from kyrorepo.verify_options import DEFAULT_WORKERS, VerifyOptions, parse_subset
+
+if TYPE_CHECKING:
+    from kyrorepo.repair import IndexRepair, SnapshotRepair
+    from kyrorepo.verify_report import Damage, VerifyReport
 
 SHOW_FILES = 5
 SHOW_LOST = 20
+# Imported while the key is derived (RepoOptions.open), then by the command that uses them.
+VERIFY_MODULES = ("kyrorepo.verify",)
+REPAIR_MODULES = ("kyrorepo.repair",)
 
 workers_option = click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
                               help="Packs read and checked in parallel.")
@@ -111,7 +114,12 @@ def verify(ropts: RepoOptions, backup_ids: tuple[str, ...], source: str | None, 
     opts = VerifyOptions(backup_ids=backup_ids, source=source, full_scan=full_scan,
                          subset=parse_subset(subset) if subset else None, resume=resume, restore_test=restore_test,
                          restore_dir=restore_dir, workers=workers).validate()
-    with opened_with_workers(ropts, workers if opts.reads_data else None, SCAN_TASKS) as repo, repo.lock():
+    from kyrorepo.procpool import SCAN_TASKS
+
+    with opened_with_workers(ropts, workers if opts.reads_data else None, SCAN_TASKS,
+                             VERIFY_MODULES) as repo, repo.lock():
+        from kyrorepo.verify import run_verify
+
         with byte_progress("verify", None) as progress:
             opts.progress = progress
             report = run_verify(repo, opts)
@@ -134,8 +142,10 @@ def repair() -> None:
 @json_option
 def repair_index_cmd(ropts: RepoOptions, workers: int, as_json: bool) -> None:
     """Rebuild the index segments and the local cache from the pack trailers."""
-    repo = ropts.open()
+    repo = ropts.open(preload=REPAIR_MODULES)
     try:
+        from kyrorepo.repair import repair_index
+
         with repo.lock(exclusive=True):
             res = repair_index(repo, workers)
     finally:
@@ -174,9 +184,11 @@ def repair_snapshots_cmd(ropts: RepoOptions, backup_ids: tuple[str, ...], dry_ru
     if dry_run == yes:
         raise UsageError("repair snapshots rewrites backups and drops damaged files: pass --dry-run to see the "
                          "plan, then --yes to carry it out" if not yes else "pass either --dry-run or --yes, not both")
-    opts = VerifyOptions(backup_ids=backup_ids, full_scan=not structure_only, workers=workers)
-    repo = ropts.open()
+    opts = VerifyOptions(backup_ids=backup_ids, full_scan=not structure_only, workers=workers).validate()
+    repo = ropts.open(preload=REPAIR_MODULES)
     try:
+        from kyrorepo.repair import repair_snapshots
+
         with repo.lock(exclusive=True):
             res = repair_snapshots(repo, opts, apply=yes)
     finally:
