@@ -22,7 +22,7 @@ import secrets
 import shutil
 import struct
 from itertools import groupby
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import lmdb
 
@@ -209,10 +209,27 @@ class WorkIndex:
         self._touch(len(bids))
         return [None if raw is None else record_pack(raw) for raw in raws]
 
-    def has_record(self, bid: bytes, record: bytes) -> bool:
-        """Whether ``bid`` has this location record (laid out as the index cache's)."""
-        self._touch()
-        return self.txn.cursor(db=self.blobs).set_key_dup(bid, record)
+    def holds_exactly(self, records: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether ``records`` (blob id, location record), in id order with each id once as the
+        index cache yields them, give every blob here one of the records it has here.
+
+        A merge of the two orders (duplicates are kept in record order): a cursor step or two
+        per record, where a look-up per record cost 3 µs (0.1 s of a 30,000-blob check). Nothing
+        may be written meanwhile."""
+        mine = self.txn.cursor(db=self.blobs).iternext()
+        n = 0
+        for rec in records:
+            for have in mine:
+                if have >= rec:
+                    break
+            else:
+                return False
+            if have != rec:
+                return False
+            n += 1
+            if n % SCAN_BATCH == 0:
+                self._touch(SCAN_BATCH)
+        return n == self.distinct_blobs
 
     def iter_listings(self) -> Iterator[tuple[bytes, list[Listing]]]:
         """(pack id, its listings) for every indexed pack, in id order."""

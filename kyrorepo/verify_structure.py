@@ -151,19 +151,10 @@ def check_trailers(repo: Repository, work: WorkIndex, ledger: DamageLedger, pool
                 ledger.add_note(note)
 
 
-def cache_matches(repo: Repository, work: WorkIndex) -> bool:
-    n = 0
-    for bid, record in repo.cache.iter_records():  # the same layout: compared without decoding
-        if not work.has_record(bid, record):
-            return False
-        n += 1
-    return n == work.distinct_blobs
-
-
 def check_cache(repo: Repository, work: WorkIndex, good_segments: list[str], notices: list[str]) -> None:
     """The local index cache must say what the readable segments say; rebuild it if not."""
     try:
-        same = cache_matches(repo, work)
+        same = work.holds_exactly(repo.cache.iter_records())  # the same layout: compared undecoded
         if not same:
             repo.cache.clear_index()
     except (lmdb.Error, ValueError, struct.error):

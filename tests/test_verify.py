@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import lmdb
 import pytest
 
 import kyrorepo.verify_data as verify_mod
@@ -355,6 +356,45 @@ def test_damaged_lmdb_cache_is_rebuilt(env: Env) -> None:
         Path(mdb).write_bytes(random.Random(3).randbytes(64 * 1024))
     rc, rep, err = run_json("verify", *env.opts(), "--full-scan")
     assert rc == 0, err
+    restored_equal(env, env.backups()[-1], env.v2)
+
+
+def _edit_cache_records(env: Env, edit: Callable[[lmdb.Transaction, lmdb._Database, list[tuple[bytes, bytes]]], None]) -> None:
+    (path,) = glob.glob(os.path.join(env.cache, "*", "index"))
+    lenv = lmdb.open(path, max_dbs=10, subdir=True)
+    try:
+        db = lenv.open_db(b"blobs")
+        with lenv.begin(write=True) as txn:
+            edit(txn, db, list(txn.cursor(db=db)))
+    finally:
+        lenv.close()
+
+
+def _drop_one(txn: lmdb.Transaction, db: lmdb._Database, recs: list[tuple[bytes, bytes]]) -> None:
+    txn.delete(recs[len(recs) // 2][0], db=db)
+
+
+def _move_one(txn: lmdb.Transaction, db: lmdb._Database, recs: list[tuple[bytes, bytes]]) -> None:
+    bid, rec = recs[len(recs) // 2]
+    txn.put(bid, rec[:-12] + bytes(4) + rec[-8:], db=db)  # another offset in the same pack
+
+
+def _add_one(txn: lmdb.Transaction, db: lmdb._Database, recs: list[tuple[bytes, bytes]]) -> None:
+    bid, rec = recs[-1]
+    txn.put(bid[:-1] + bytes([bid[-1] ^ 1]), rec, db=db)  # a blob no segment lists
+
+
+@pytest.mark.parametrize("edit", [_drop_one, _move_one, _add_one], ids=["missing", "moved", "extra"])
+def test_index_cache_that_disagrees_with_the_segments_is_rebuilt(env: Env, edit: Callable[..., None]) -> None:
+    rc, rep, err = run_json("verify", *env.opts())
+    assert rc == 0, err
+    assert not any("did not match" in n for n in rep["notices"])
+    _edit_cache_records(env, edit)
+    rc, rep, err = run_json("verify", *env.opts())
+    assert rc == 0, err
+    assert any("did not match the index segments: rebuilt" in n for n in rep["notices"])
+    rc, rep, err = run_json("verify", *env.opts())
+    assert rc == 0 and not any("did not match" in n for n in rep["notices"]), err
     restored_equal(env, env.backups()[-1], env.v2)
 
 
