@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import zstandard
 
@@ -301,46 +301,26 @@ class BlobCodec:
         return out
 
     def decode_many(self, btype: BlobType, items: Sequence[tuple[bytes, bytes | memoryview]],
-                    what: Callable[[int], str]) -> list[bytes | memoryview | IntegrityError]:
+                    what: Callable[[int], str]) -> list[bytes | IntegrityError]:
         """``decode`` of each (id, sealed blob) in ``items``: the plaintext, or the IntegrityError
-        that blob raises (``what(i)`` names item ``i`` in it; it is not called for a compressed blob
-        that opens and matches its id, the common case).
+        that blob raises (``what(i)`` names item ``i`` in it; it is called only for a blob that
+        fails, the uncommon case).
 
-        The zstd frames of the list are decompressed in one call per dictionary, which gives
-        the GIL up once rather than once per blob; a plaintext may then be a segment of one
-        shared buffer (it supports the buffer protocol, like bytes)."""
-        out: list[Any] = [None] * len(items)
-        frames: dict[bytes, list[tuple[int, memoryview]]] = {}  # dictionary id (b"": none) -> frames
+        One zstd call per blob. One ``multi_decompress_to_buffer`` call per batch gave the GIL
+        up once instead of once per blob, but it sets a decompression context up per call and
+        hands back one shared buffer; a verify worker runs two threads, and without it the full
+        check of 1 GiB took 3.10 s instead of 3.35 s (4.75 instead of 5.08 user-s, 6 alternated
+        runs each)."""
+        out: list[bytes | IntegrityError] = []
+        decode = self.decode
         for i, (bid, sealed) in enumerate(items):
             try:
+                out.append(decode(btype, bid, sealed, ""))
+            except IntegrityError:
                 try:
-                    body = self.keys.open(btype, bid, sealed, "")
-                except IntegrityError:
-                    body = self.keys.open(btype, bid, sealed, what(i))  # fails again, with the name
-                did = self._frame_dict(body)
-                if did is None:
-                    out[i] = self._raw(bid, body, what(i), True)
-                else:
-                    frames.setdefault(did, []).append((i, memoryview(body)[1 + len(did):]))
-            except IntegrityError as exc:
-                out[i] = exc
-        id_of = self.keys.blob_id
-        for did, group in frames.items():
-            try:
-                zd = self._dict_zd(did, what(group[0][0])) if did else self._zd()
-                if len(group) < 2 or not all(0 < zstandard.frame_content_size(f) <= MAX_BLOB for _, f in group):
-                    raise zstandard.ZstdError("decompressed one by one")
-                plain = zd.multi_decompress_to_buffer([f for _, f in group])
-            except (zstandard.ZstdError, IntegrityError):  # each frame again alone, for its own error
-                for i, f in group:
-                    try:
-                        out[i] = self._checked(items[i][0], self._decompress_with(did, f, what(i)), what(i))
-                    except IntegrityError as exc:
-                        out[i] = exc
-                continue
-            for k, (i, _) in enumerate(group):
-                data = memoryview(plain[k])  # type: ignore[arg-type]  # a BufferSegment is a buffer
-                out[i] = data if id_of(data) == items[i][0] else _id_mismatch(what(i))
+                    out.append(decode(btype, bid, sealed, what(i)))  # fails again, with the name
+                except IntegrityError as exc:
+                    out.append(exc)
         return out
 
     @staticmethod

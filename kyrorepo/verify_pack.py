@@ -64,7 +64,7 @@ def scan_pack(ctx: WorkerContext, job: PackJob) -> PackFindings:
     obj = f"pack {name}"
     missing = (b"", obj, "is missing (it disappeared during verify)")
     res = PackFindings()
-    whole = pack_hasher()
+    whole = pack_hasher(threads=False)  # the workers already keep every core busy
     entries = job.entries
     nxt = 0  # entries[nxt:] start beyond what was read so far
     open_: list[PackEntry] = []  # started, not complete
