@@ -433,25 +433,31 @@ def _top_node(repo: Repository, sid: str, name: bytes):
     return next(n for n in load_tree(repo, find_snapshot(repo, sid).tree) if n.name == name)
 
 
-@pytest.mark.parametrize("stored_first", [BlobType.TREE, BlobType.DATA])
+@pytest.mark.parametrize("kind", [BlobType.TREE, BlobType.CONTENT], ids=["tree", "content"])
+@pytest.mark.parametrize("chunk_first", [False, True])
 @pytest.mark.parametrize("file_backup_older", [True, False])
-def test_a_file_holding_a_trees_exact_bytes_shares_its_id_and_every_backup_survives(k, stored_first,
-                                                                                  file_backup_older):
-    """A chunk and a tree with the same plaintext have one id and are stored once, as the type
-    that came first (docs/format.md, "Blob ids and types"). Every backup still restores, verify
-    finds nothing, and prune keeps what the tree references whichever use of the id its mark
-    phase meets first (it used to skip walking a tree whose id it had met as a chunk)."""
+def test_a_file_holding_a_tree_or_content_lists_exact_bytes_shares_its_id_and_every_backup_survives(
+        k, kind, chunk_first, file_backup_older):
+    """A chunk and a tree or content list with the same plaintext have one id and are stored
+    once, as the type that came first (docs/format.md, "Blob ids and types"). Every backup still
+    restores, verify finds nothing, and prune keeps what the tree or content list references
+    whichever use of the id its mark phase meets first (it used to skip walking a tree whose id
+    it had met as a chunk)."""
     trees, files = k.tmp / "trees", k.tmp / "files"
-    write(trees / "d" / "c", random.Random(9).randbytes(300_000))  # only the tree of d references c
+    if kind == BlobType.TREE:
+        write(trees / "d" / "c", random.Random(9).randbytes(300_000))  # only the tree of d references c
+    else:
+        write(trees / "d", random.Random(9).randbytes(600_000))  # more chunks than a node holds inline
     write(files / "other", b"x" * 1000)
     first = k.backup(trees, "2025-01-01T00:00:00", "--tag", "first")
     repo = _open(k)
-    tree_id = _top_node(repo, first, b"d").subtree
-    plaintext = repo.load_blob(tree_id, BlobType.TREE)
+    node = _top_node(repo, first, b"d")
+    meta_id = node.subtree if kind == BlobType.TREE else node.content[0]
+    plaintext = repo.load_blob(meta_id, kind)
     repo.close()
     t_files, t_trees = ("2025-01-02T00:00:00", "2025-01-03T00:00:00")[::1 if file_backup_older else -1]
-    write(files / "copy-of-a-tree", plaintext)
-    if stored_first == BlobType.DATA:  # the tree's id goes, comes back as a chunk, then as a tree again
+    write(files / "copy", plaintext)
+    if chunk_first:  # the id goes, comes back as a chunk, then as a tree or content list again
         k("prune", "--keep-tag", "none-such", "--max-unused", "0%", "--unindexed-grace", "0")
         assert k.ids() == set()
         s_files = k.backup(files, t_files)
@@ -459,8 +465,8 @@ def test_a_file_holding_a_trees_exact_bytes_shares_its_id_and_every_backup_survi
     else:
         s_files = k.backup(files, t_files)
     repo = _open(k)
-    assert _top_node(repo, s_files, b"copy-of-a-tree").chunks == ((tree_id, len(plaintext)),)
-    assert repo.lookup(tree_id).type == stored_first
+    assert _top_node(repo, s_files, b"copy").chunks == ((meta_id, len(plaintext)),)
+    assert repo.lookup(meta_id).type == (BlobType.DATA if chunk_first else kind)
     repo.close()
     k("prune", "--gc-only", "--max-unused", "0%", "--unindexed-grace", "0")
     k.restore_all()
