@@ -210,8 +210,8 @@ class WorkIndex:
         return [None if raw is None else record_pack(raw) for raw in raws]
 
     def holds_exactly(self, records: Iterable[tuple[bytes, bytes]]) -> bool:
-        """Whether ``records`` (blob id, location record), in id order with each id once as the
-        index cache yields them, give every blob here one of the records it has here.
+        """Whether ``records`` (blob id, location record; in id order, each id once, as the index
+        cache yields them) name every blob of this index, each with one of its locations here.
 
         A merge of the two orders (duplicates are kept in record order): a cursor step or two
         per record, where a look-up per record cost 3 µs (0.1 s of a 30,000-blob check). Nothing
