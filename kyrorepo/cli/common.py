@@ -139,6 +139,15 @@ def opened_with_workers(ropts: RepoOptions, workers: int | None, task_module: st
         procpool.stop_spares()
 
 
+def opened_for_restore(ropts: RepoOptions, dry_run: bool,
+                       preload: tuple[str, ...] = ()) -> contextlib.AbstractContextManager[Repository]:
+    """``opened_with_workers`` for a command that writes restored files (restore, restore-pitr):
+    ``procpool.default_workers()`` restore workers, none for a dry run."""
+    from kyrorepo.procpool import RESTORE_TASKS, default_workers
+
+    return opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS, preload)
+
+
 def get_password(password_file: str | None, password_command: str | None, confirm: bool = False) -> bytes:
     env = os.environ.get("KYROREPO_PASSWORD")
     if env is not None:

@@ -13,7 +13,7 @@ from kyrorepo.cli.common import (
     human_bytes,
     json_option,
     metrics_file_option,
-    opened_with_workers,
+    opened_for_restore,
     repo_options,
 )
 from kyrorepo.cli.progress import byte_progress
@@ -61,10 +61,7 @@ def print_plan(plan, snap_id: str, as_json: bool) -> None:  # type: ignore[no-un
 def restore(ropts: RepoOptions, backup_id: str, target: str, source: str | None, allow_clear: bool, dry_run: bool,
             includes: tuple[str, ...], metrics_file: str | None, as_json: bool) -> None:
     """Restore a backup into a data directory (staged, verified, then swapped in)."""
-    from kyrorepo.procpool import RESTORE_TASKS, default_workers
-
-    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS,
-                             RESTORE_MODULES) as repo, repo.lock():
+    with opened_for_restore(ropts, dry_run, RESTORE_MODULES) as repo, repo.lock():
         from kyrorepo.metrics import textfile_after_restore
         from kyrorepo.restore import RestoreOptions, plan_restore, run_restore
         from kyrorepo.snapshot import find_snapshot

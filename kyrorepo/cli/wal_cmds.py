@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_with_workers, repo_options, warn
+from kyrorepo.cli.common import RepoOptions, emit_json, human_bytes, json_option, opened_for_restore, repo_options, warn
 from kyrorepo.cli.restore_cmds import DRY_LIST_MAX, allow_clear_from_env
 from kyrorepo.errors import KyroError, NotFoundError, UsageError
 from kyrorepo.timefmt import iso_time, parse_time
@@ -259,11 +259,8 @@ def restore_pitr(ropts: RepoOptions, timestamp: str, target: str, source: str | 
     Exit 14 when the second cannot be reached exactly (before the oldest backup, after the
     newest capture, or across a gap in the captured WAL).
     """
-    from kyrorepo.procpool import RESTORE_TASKS, default_workers
-
     t = parse_time(timestamp)
-    with opened_with_workers(ropts, None if dry_run else default_workers(), RESTORE_TASKS,
-                             PITR_MODULES) as repo, repo.lock():
+    with opened_for_restore(ropts, dry_run, PITR_MODULES) as repo, repo.lock():
         from kyrorepo.pitr import PitrOptions, run_pitr
 
         opts = PitrOptions(target=target, t=t, source=source, allow_clear=allow_clear or allow_clear_from_env(),
