@@ -2,7 +2,7 @@
 
 Sealed plaintext layout (docs/format.md, "Sealed blob"): compression u8 | payload, where
 compression is 0 = raw, 1 = one zstd frame, 2 = dictionary id (32 bytes) then one zstd
-frame made with that repository dictionary (``dicts/<id>``). Only DATA blobs use a
+frame made with that repository dictionary (``dicts/<id>``, also kept as ``dictcopies/<id>``). Only DATA blobs use a
 dictionary: file chunks are small (~39 KiB at the default chunk size) and a dictionary
 trained on the repository's own data gives zstd the context a small chunk lacks
 (docs/performance.md, "Compression dictionary").
@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import zstandard
 
 from kyrorepo.crypto import BlobKeys
-from kyrorepo.errors import IntegrityError, ObjectNotFoundError
+from kyrorepo.errors import IntegrityError, KyroError, ObjectNotFoundError
 from kyrorepo.format import BlobType, file_header, split_file
 from kyrorepo.ids import ID_LEN, is_full_hex
 
@@ -26,6 +26,8 @@ COMP_ZSTD = 1
 COMP_ZSTD_DICT = 2
 MAX_BLOB = 64 * 1024 * 1024
 DICT_DIR = "dicts"
+DICT_COPY_DIR = "dictcopies"  # the second copy of every dictionary (Dictionaries)
+DICT_DIRS = (DICT_DIR, DICT_COPY_DIR)
 # zstd levels 1 and 2 use its "fast" strategy at every source size: the only levels where
 # literals may stay raw (LiteralCoding).
 FAST_LEVELS = (1, 2)
@@ -112,8 +114,11 @@ def codec_for(backend: object, keys: BlobKeys, level: int) -> "BlobCodec":
 
 
 class Dictionaries:
-    """A repository's zstd dictionaries (``dicts/<id>``): loaded when first needed, kept.
+    """A repository's zstd dictionaries: loaded when first needed, kept.
 
+    Each is stored twice, ``dicts/<id>`` and ``dictcopies/<id>``, each object sealed on its
+    own: every chunk compressed with a dictionary needs it, so one damaged 64 KiB object
+    must not make them all unreadable. Readers take the first of the two that opens.
     New DATA blobs use the dictionary with the lowest id (two first backups on different
     hosts may each have trained one; every writer then settles on the same one). A blob
     names its dictionary, so every dictionary ever used stays readable. Thread-safe.
@@ -127,46 +132,101 @@ class Dictionaries:
         self._current: bytes | None = None
         self._listed = False
 
+    def ids(self) -> list[bytes]:
+        """Every dictionary either directory holds, in id order (names that are not ids are left out)."""
+        names = {n.rsplit("/", 1)[1] for d in DICT_DIRS for n, _ in self._backend.list(d + "/")}  # type: ignore[attr-defined]
+        return sorted(bytes.fromhex(h) for h in names if is_full_hex(h))
+
     def current(self) -> bytes | None:
         """Id of the dictionary new DATA blobs use, or None when the repository has none."""
         if not self._listed:
             with self._lock:
                 if not self._listed:
-                    ids = [bytes.fromhex(h) for h in (n.rsplit("/", 1)[1] for n, _ in
-                                                      self._backend.list(DICT_DIR + "/"))  # type: ignore[attr-defined]
-                           if is_full_hex(h)]
-                    self._current = min(ids) if ids else None
+                    ids = self.ids()
+                    self._current = ids[0] if ids else None
                     self._listed = True
         return self._current
 
-    def data(self, did: bytes) -> bytes:
-        """The dictionary ``did``, loaded, opened and checked against its id on first use."""
-        raw = self._data.get(did)
-        if raw is not None:
-            return raw
-        path = f"{DICT_DIR}/{did.hex()}"
+    def open_object(self, path: str, did: bytes) -> bytes:
+        """The dictionary stored at ``path`` (one of ``dictionary_paths(did)``), checked against its
+        id. Raises ObjectNotFoundError, or IntegrityError saying why, starting with ``path``."""
+        return self._open(path, did, self._backend.load(path))  # type: ignore[attr-defined]
+
+    def _open(self, path: str, did: bytes, stored: bytes) -> bytes:
+        return self._plain.decode(BlobType.DICT, did, split_file(stored, BlobType.DICT, path), path)
+
+    def check(self, did: bytes) -> tuple[bytes | None, dict[str, KyroError]]:
+        """Open both of dictionary ``did``'s objects: (its plaintext, or None when neither
+        opens; the error of each object that does not, by path: ObjectNotFoundError or
+        IntegrityError)."""
+        raw: bytes | None = None
+        failed: dict[str, KyroError] = {}
+        for path in dictionary_paths(did):
+            try:
+                raw = self.open_object(path, did)
+            except (ObjectNotFoundError, IntegrityError) as exc:
+                failed[path] = exc
+        return raw, failed
+
+    def intact(self, did: bytes) -> tuple[bytes, bytes]:
+        """(stored object, plaintext) of the first of dictionary ``did``'s two objects that opens;
+        IntegrityError names both when neither does."""
         if self._backend is None:
-            raise IntegrityError(f"a blob needs dictionary {path}, which only a repository has")
-        try:
-            stored = self._backend.load(path)  # type: ignore[attr-defined]
-        except ObjectNotFoundError:
-            raise IntegrityError(f"dictionary {path} is missing: the chunks compressed with it cannot be "
-                                 "opened; copy it back from a related repository") from None
-        raw = self._plain.decode(BlobType.DICT, did, split_file(stored, BlobType.DICT, path), path)
-        with self._lock:
-            self._data[did] = raw
+            raise IntegrityError(f"a blob needs dictionary {DICT_DIR}/{did.hex()}, which only a repository has")
+        errors = []
+        for path in dictionary_paths(did):
+            try:
+                stored = self._backend.load(path)  # type: ignore[attr-defined]
+                return stored, self._open(path, did, stored)
+            except ObjectNotFoundError:
+                errors.append(f"{path} is missing")
+            except IntegrityError as exc:
+                errors.append(exc.message)
+        raise IntegrityError(f"dictionary {errors[0]}, and its copy {errors[1]}: the chunks compressed with it "
+                             "cannot be opened; copy it back from a related repository")
+
+    def data(self, did: bytes) -> bytes:
+        """The dictionary ``did``, loaded, opened and checked against its id on first use: from
+        ``dicts/<id>``, or from its copy when that object is missing or damaged."""
+        raw = self._data.get(did)
+        if raw is None:
+            raw = self.intact(did)[1]
+            with self._lock:
+                self._data[did] = raw
         return raw
 
+    def sealed(self, did: bytes, raw: bytes) -> bytes:
+        """Dictionary ``did`` (its plaintext ``raw``) as a stored object: freshly sealed."""
+        return file_header(BlobType.DICT) + self._plain.encode(BlobType.DICT, did, raw)
+
     def add(self, raw: bytes) -> bytes:
-        """Store a new dictionary (durably, before any blob uses it); return its id."""
+        """Store a new dictionary (both objects, durably, before any blob uses it); return its id."""
         present = self.current()
         did = self._plain.keys.blob_id(raw)
-        self._backend.save(f"{DICT_DIR}/{did.hex()}",  # type: ignore[attr-defined]
-                           file_header(BlobType.DICT) + self._plain.encode(BlobType.DICT, did, raw))
+        for path in reversed(dictionary_paths(did)):  # the copy first: once dicts/<id> exists, so does it
+            self._backend.save(path, self.sealed(did, raw))  # type: ignore[attr-defined]
         with self._lock:
             self._data[did] = raw
             self._current = did if present is None else min(did, present)
         return did
+
+    def complete(self, did: bytes) -> list[str]:
+        """Store whichever of dictionary ``did``'s two objects is missing (a repository from
+        before the copies, or a writer killed between the two saves), from the other;
+        return the paths written. A damaged object is left to 'repair index'."""
+        written = []
+        for path in dictionary_paths(did):
+            try:
+                self._backend.stat(path)  # type: ignore[attr-defined]
+            except ObjectNotFoundError:
+                self._backend.save(path, self.sealed(did, self.data(did)))  # type: ignore[attr-defined]
+                written.append(path)
+        return written
+
+
+def dictionary_paths(did: bytes) -> tuple[str, str]:
+    """Where dictionary ``did`` is stored: ``dicts/<id>``, and its copy."""
+    return f"{DICT_DIR}/{did.hex()}", f"{DICT_COPY_DIR}/{did.hex()}"
 
 
 class BlobCodec:

@@ -11,7 +11,8 @@ holds at least ``MIN_SOURCE_BYTES``: ``SAMPLES`` chunk-sized samples are read at
 spaced positions across the source's files (stratified by bytes, so big table files
 weigh as much as they count), a dictionary is trained on most of them with fixed
 fastcover parameters (~50 ms), and kept only when it makes the held-out samples at least
-``MIN_GAIN`` smaller. It is stored (``dicts/<id>``, sealed) before any blob uses it.
+``MIN_GAIN`` smaller. It is stored twice (``dicts/<id>`` and ``dictcopies/<id>``, sealed)
+before any blob uses it; a backup writes whichever of the two its dictionary lacks.
 Data that does not benefit (already compressed, random) gets no dictionary; a backup of
 the same repository from this machine tries again after ``RETRY_AFTER`` (the time of the
 failed attempt is kept in the local cache), so that a repository of incompressible data
@@ -141,8 +142,11 @@ def ensure_dictionary(repo: Repository, root: str) -> bytes | None:
     if dicts is None or repo.config.compression_level <= 0:
         return None
     current = dicts.current()
-    if current is not None or _recently_failed(repo):
+    if current is not None:
+        dicts.complete(current)  # a repository from before the second copies gets one here
         return current
+    if _recently_failed(repo):
+        return None
     samples = read_samples(root, repo.config.chunker_avg)
     if not samples:
         return None  # too little data to learn from yet: not a failed attempt

@@ -4,7 +4,9 @@
 tail); new index segments covering every readable pack are written first, the old ones
 removed after, then the local cache is rebuilt. A kill at any instant leaves every pack
 listed by an old or a new segment (a pack listed twice is harmless). A pack whose trailer
-is unreadable keeps its listing from an old readable segment when there is one.
+is unreadable keeps its listing from an old readable segment when there is one. First,
+a compression dictionary object that is missing or damaged is stored again from its
+intact twin (``dicts/<id>`` and ``dictcopies/<id>``, kyrorepo.blob.Dictionaries).
 
 ``repair_snapshots``: runs a verify (reading the data the backups need, unless
 ``structure_only``), then for every backup that depends on damaged data writes a new
@@ -26,6 +28,7 @@ from typing import Iterator
 
 import lmdb
 
+from kyrorepo.blob import Dictionaries, dictionary_paths
 from kyrorepo.errors import IntegrityError, KyroError, NotFoundError, RefusedError
 from kyrorepo.format import BlobType, PackInfo, encode_index
 from kyrorepo.pack import pack_name
@@ -61,6 +64,21 @@ class IndexRepair:
     removed: int = 0
     carried: list[str] = field(default_factory=list)  # trailer unreadable, listing kept from an old segment
     unreadable: list[str] = field(default_factory=list)  # could not be indexed at all
+    dicts_stored: list[str] = field(default_factory=list)  # dictionary objects stored again from their twin
+    dicts_lost: list[str] = field(default_factory=list)  # dictionaries neither of whose objects opens
+
+
+def mend_dictionaries(repo: Repository, res: IndexRepair) -> None:
+    """Store every dictionary object that is missing or damaged again, from its twin that opens."""
+    dicts = Dictionaries(repo.backend, repo.keys)  # not the codec's: read what storage holds now
+    for did in dicts.ids():
+        raw, failed = dicts.check(did)
+        if raw is None:
+            res.dicts_lost.append(dictionary_paths(did)[0])
+            continue
+        for path in failed:
+            repo.backend.save(path, dicts.sealed(did, raw))  # replaces a damaged object atomically
+            res.dicts_stored.append(path)
 
 
 def _listed_packs(repo: Repository) -> Iterator[tuple[bytes, int]]:
@@ -86,6 +104,7 @@ def _carry_over(repo: Repository, old: set[str], failed: dict[bytes, int]) -> It
 def repair_index(repo: Repository, workers: int = DEFAULT_WORKERS) -> IndexRepair:
     old = set(repo.object_names(BlobType.INDEX))
     res = IndexRepair()
+    mend_dictionaries(repo, res)
     batch: list[PackInfo] = []
     failed: dict[bytes, int] = {}
 

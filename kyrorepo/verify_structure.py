@@ -16,7 +16,7 @@ from typing import Iterable
 import lmdb
 
 from kyrorepo.audit_log import DamageNote
-from kyrorepo.blob import DICT_DIR, Dictionaries
+from kyrorepo.blob import DICT_DIRS, Dictionaries, dictionary_paths
 from kyrorepo.errors import IntegrityError, KyroError, NotFoundError, ObjectNotFoundError
 from kyrorepo.format import BlobType, PackEntry
 from kyrorepo.ids import from_hex
@@ -42,24 +42,50 @@ def check_keys(repo: Repository, ledger: DamageLedger) -> None:
 
 
 def check_dictionaries(repo: Repository, notices: list[str], ledger: DamageLedger) -> None:
-    """Read every compression dictionary back from storage and check it against its name.
+    """Read both stored objects of every compression dictionary back and check them against its id.
 
-    A lost dictionary makes every chunk compressed with it unreadable (the full scan then
-    lists each one); this names the cause in every verify, for the price of a few 64 KiB reads.
+    A dictionary neither of whose objects opens makes every chunk compressed with it
+    unreadable (the full scan then lists each one): this names the cause in every verify,
+    for the price of a few 64 KiB reads. One damaged object is damage that 'repair index'
+    mends from the other. One missing object is a notice: a repository from before the
+    second copies, or a writer killed between the two saves (the next backup that uses the
+    dictionary, or 'repair index', stores it).
     """
-    names = repo.object_names(BlobType.DICT)
     fresh = Dictionaries(repo.backend, repo.keys)  # not the codec's: read what storage holds now
-    for name in names:
-        what = f"dictionary {DICT_DIR}/{name}"
-        try:
-            fresh.data(from_hex(name))
-        except ValueError:
-            ledger.add_damage(what, "has a malformed name")
-        except IntegrityError as exc:
-            ledger.add_damage(what, reason_of(exc, what) + ": the chunks compressed with it cannot be opened; "
+    ids: set[bytes] = set()
+    for directory in DICT_DIRS:
+        for name, _ in repo.backend.list(directory + "/"):
+            try:
+                ids.add(from_hex(name.rsplit("/", 1)[1]))
+            except ValueError:
+                ledger.add_damage(f"dictionary {name}", "has a malformed name")
+    stored_once = 0
+    for did in sorted(ids):
+        paths = dictionary_paths(did)
+        failed = fresh.check(did)[1]
+        if len(failed) == 2:
+            primary, copy = (failed[p] for p in paths)
+            ledger.add_damage(f"dictionary {paths[0]}", f"{_dict_reason(primary, paths[0])}, and its copy {paths[1]} "
+                              f"{_dict_reason(copy, paths[1])}: the chunks compressed with it cannot be opened; "
                               "restore it from a copy of the repository")
-    if names:
-        notices.append(f"{len(names)} compression dictionar{'y' if len(names) == 1 else 'ies'} checked")
+        elif failed:
+            (path, err), = failed.items()
+            twin = paths[1] if path == paths[0] else paths[0]
+            if isinstance(err, ObjectNotFoundError):
+                stored_once += 1
+            else:
+                ledger.add_damage(f"dictionary {path}", f"{_dict_reason(err, path)}: its other copy {twin} is intact, "
+                                  "nothing is lost: run 'kyrorepo repair index'", index_level=True)
+    if ids:
+        notices.append(f"{len(ids)} compression dictionar{'y' if len(ids) == 1 else 'ies'} checked")
+    if stored_once:
+        notices.append(f"{stored_once} compression dictionar{'y is' if stored_once == 1 else 'ies are'} stored once, "
+                       "without the second copy (a repository from before the copies, or a backup killed "
+                       "between the two saves): the next backup or 'kyrorepo repair index' stores it")
+
+
+def _dict_reason(exc: KyroError, path: str) -> str:
+    return "is missing" if isinstance(exc, ObjectNotFoundError) else reason_of(exc, path)
 
 
 def list_packs(repo: Repository, work: WorkIndex, notices: list[str]) -> None:

@@ -88,6 +88,7 @@ def test_first_backup_trains_one_dictionary_and_chunks_use_it(repo_cli, db_dir, 
     repo_cli.run("backup", "--data-dir", db_dir)
     dicts = os.listdir(os.path.join(repo_cli.repo, "dicts"))
     assert len(dicts) == 1
+    assert os.listdir(os.path.join(repo_cli.repo, "dictcopies")) == dicts  # stored twice
     repo_cli.run("backup", "--data-dir", db_dir, "--full")
     assert os.listdir(os.path.join(repo_cli.repo, "dicts")) == dicts  # trained once
     repo = Repository.open(LocalBackend(repo_cli.repo), b"test-pass", str(tmp_path / "c2"))
@@ -171,7 +172,8 @@ def test_copy_carries_the_dictionary(repo_cli, db_dir, tmp_path):
     repo_cli.run("backup", "--data-dir", db_dir)
     dest = str(tmp_path / "dest")
     repo_cli.run("copy", "--to", dest, "--kdf-memory-kib", "1024", "--kdf-iterations", "1")
-    assert os.listdir(os.path.join(dest, "dicts")) == os.listdir(os.path.join(repo_cli.repo, "dicts"))
+    for d in ("dicts", "dictcopies"):
+        assert os.listdir(os.path.join(dest, d)) == os.listdir(os.path.join(repo_cli.repo, "dicts"))
     proc = repo_cli.run("verify", "--full-scan", "--repo", dest, repo=False)
     assert "no damage found" in proc.stdout
     out = str(tmp_path / "out")
@@ -179,27 +181,103 @@ def test_copy_carries_the_dictionary(repo_cli, db_dir, tmp_path):
     assert filecmp.cmp(os.path.join(db_dir, "table1.dat"), os.path.join(out, "table1.dat"), shallow=False)
 
 
-def test_lost_or_damaged_dictionary_is_named_and_restore_refuses(repo_cli, db_dir, tmp_path):
+def _dict_paths(repo: str) -> tuple[str, str]:
+    name = os.listdir(os.path.join(repo, "dicts"))[0]
+    return os.path.join(repo, "dicts", name), os.path.join(repo, "dictcopies", name)
+
+
+def _flip(path: str, at: int = 60) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[at] ^= 1
+    open(path, "wb").write(data)
+
+
+def test_golden_dictionary_opens_from_its_copy_alone():
+    keys = MasterKey(bytes.fromhex(GOLDEN["master_key"])).keys()
+    backend = MemoryBackend()
+    d = GOLDEN["dictionary"]
+    backend.save(f"dictcopies/{d['id']}", bytes.fromhex(d["object"]))  # dicts/<id> is missing
+    codec = BlobCodec(keys, 2, Dictionaries(backend, keys))
+    c = GOLDEN["chunk"]
+    assert codec.decode(BlobType.DATA, bytes.fromhex(c["id"]), bytes.fromhex(c["sealed_dict"]), "golden") == \
+        bytes.fromhex(c["plain"])
+    assert codec.dicts.current() == bytes.fromhex(d["id"])
+
+
+@pytest.mark.parametrize("damaged", ["dicts", "dictcopies"])
+def test_one_damaged_dictionary_object_loses_nothing_and_repair_index_mends_it(repo_cli, db_dir, tmp_path, damaged):
     repo_cli.run("backup", "--data-dir", db_dir)
-    ddir = os.path.join(repo_cli.repo, "dicts")
-    name = os.listdir(ddir)[0]
-    path = os.path.join(ddir, name)
-    original = open(path, "rb").read()
-    damaged = bytearray(original)
-    damaged[60] ^= 1
-    open(path, "wb").write(damaged)
+    primary, copy = _dict_paths(repo_cli.repo)
+    bad, good = (primary, copy) if damaged == "dicts" else (copy, primary)
+    _flip(bad)
+    out = str(tmp_path / "out")
+    repo_cli.run("restore", "--data-dir", out, "--backup-id", "latest")  # every chunk opens
+    for f in os.listdir(db_dir):
+        assert filecmp.cmp(os.path.join(db_dir, f), os.path.join(out, f), shallow=False)
+    shown_bad = os.path.relpath(bad, repo_cli.repo)
+    shown_good = os.path.relpath(good, repo_cli.repo)
+    report = json.loads(repo_cli.run("verify", "--full-scan", "--json", expect=13).stdout)
+    (d,) = report["damaged"]  # the object alone: no chunk, backup or file is damaged
+    assert d["object"] == f"dictionary {shown_bad}" and f"its other copy {shown_good} is intact" in d["reason"]
+    assert d["fixed_by"] == "repair index" and d["blobs"] == 0 and not d["backups"] and not report["affected_files"]
+    assert report["blobs_checked"] > 0
+    kept = open(good, "rb").read()
+    proc = repo_cli.run("repair", "index")
+    assert f"dictionary {shown_bad}: stored again from its intact copy" in proc.stdout
+    assert open(good, "rb").read() == kept  # the intact one is left as it was
+    assert "no damage found" in repo_cli.run("verify", "--full-scan").stdout
+
+
+def test_a_dictionary_stored_once_is_a_notice_and_the_next_backup_stores_the_other(repo_cli, db_dir):
+    repo_cli.run("backup", "--data-dir", db_dir)
+    primary, copy = _dict_paths(repo_cli.repo)
+    for gone in (copy, primary):  # a repository from before the copies; a writer killed between the saves
+        os.remove(gone)
+        proc = repo_cli.run("verify", "--full-scan")
+        assert "no damage found" in proc.stdout
+        assert "1 compression dictionary is stored once" in proc.stdout + proc.stderr
+        repo_cli.run("backup", "--data-dir", db_dir)
+        assert os.path.exists(primary) and os.path.exists(copy)
+        proc = repo_cli.run("verify")
+        assert "stored once" not in proc.stdout + proc.stderr
+    assert len(os.listdir(os.path.dirname(primary))) == 1  # no second dictionary was trained
+
+
+def test_copy_sends_the_dictionary_object_that_opens(repo_cli, db_dir, tmp_path):
+    repo_cli.run("backup", "--data-dir", db_dir)
+    primary, copy = _dict_paths(repo_cli.repo)
+    _flip(primary)
+    dest = str(tmp_path / "dest")
+    repo_cli.run("copy", "--to", dest, "--kdf-memory-kib", "1024", "--kdf-iterations", "1")
+    name = os.path.basename(primary)
+    for d in ("dicts", "dictcopies"):
+        assert open(os.path.join(dest, d, name), "rb").read() == open(copy, "rb").read()
+    assert "no damage found" in repo_cli.run("verify", "--full-scan", "--repo", dest, repo=False).stdout
+
+
+def test_lost_dictionary_is_named_and_restore_refuses(repo_cli, db_dir, tmp_path):
+    repo_cli.run("backup", "--data-dir", db_dir)
+    primary, copy = _dict_paths(repo_cli.repo)
+    name = os.path.basename(primary)
+    originals = {p: open(p, "rb").read() for p in (primary, copy)}
+    _flip(primary)
+    _flip(copy)
     proc = repo_cli.run("verify", expect=13)
-    assert f"dictionary dicts/{name}" in proc.stdout + proc.stderr
-    os.remove(path)
+    text = proc.stdout + proc.stderr
+    assert f"dictionary dicts/{name}" in text and f"its copy dictcopies/{name}" in text
+    proc = repo_cli.run("repair", "index", expect=13)
+    assert "cannot be opened from either copy" in proc.stderr
+    os.remove(primary)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     proc = repo_cli.run("restore", "--data-dir", str(out), "--backup-id", "latest", "--allow-clear", expect=13)
-    assert f"dicts/{name} is missing" in proc.stderr
+    assert f"dicts/{name} is missing" in proc.stderr and f"its copy dictcopies/{name}" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine" and os.listdir(out) == ["keep.txt"]
     proc = repo_cli.run("verify", "--full-scan", expect=13)
     assert f"dicts/{name} is missing" in proc.stdout + proc.stderr
-    open(path, "wb").write(original)  # put back from a copy: everything opens again
+    for p, data in originals.items():  # put back from a copy of the repository: everything opens again
+        open(p, "wb").write(data)
     repo_cli.run("verify", "--full-scan")
 
 

@@ -10,6 +10,7 @@ from kyrorepo.copy import (
     capture_blobs,
     captures_of,
     check_at_destination,
+    copy_dictionaries,
     copy_objects,
     copy_snapshot,
     open_or_create_related,
@@ -53,7 +54,7 @@ def run_copy(ropts: RepoOptions, src_location: str, dest_location: str, backup_i
                 result = CopyResult(created=created)
                 snaps = _choose(src, backup_ids, source)
                 # dictionaries first: the chunks that travel next may need them to open
-                copy_objects(src, dest, BlobType.DICT, src.object_names(BlobType.DICT), lambda n: (), result)
+                copy_dictionaries(src, dest)
                 for snap in snaps:
                     copy_snapshot(src, dest, snap, result)
                 # The WAL captures of the copied sources travel too, so the copy keeps PITR.

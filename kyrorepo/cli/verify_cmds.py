@@ -141,7 +141,8 @@ def repair() -> None:
 @workers_option
 @json_option
 def repair_index_cmd(ropts: RepoOptions, workers: int, as_json: bool) -> None:
-    """Rebuild the index segments and the local cache from the pack trailers."""
+    """Rebuild the index segments and the local cache from the pack trailers (and store again a
+    compression dictionary object that is missing or damaged, from its intact copy)."""
     repo = ropts.open(preload=REPAIR_MODULES)
     try:
         from kyrorepo.repair import repair_index
@@ -154,13 +155,20 @@ def repair_index_cmd(ropts: RepoOptions, workers: int, as_json: bool) -> None:
     if res.unreadable:
         raise IntegrityError(f"{len(res.unreadable)} pack(s) could not be indexed (first: {res.unreadable[0]}): "
                              "their trailers are damaged and no index segment lists them; restore them from a copy")
+    if res.dicts_lost:
+        raise IntegrityError(f"{len(res.dicts_lost)} compression dictionar{'y' if len(res.dicts_lost) == 1 else 'ies'} "
+                             f"(first: {res.dicts_lost[0]}) cannot be opened from either copy: the chunks compressed "
+                             "with it cannot be opened; restore it from a copy of the repository")
 
 
 def print_index_repair(res: IndexRepair, as_json: bool) -> None:
     if as_json:
         emit_json({"packs": res.packs, "blobs": res.blobs, "segments_written": res.written,
-                   "segments_removed": res.removed, "carried_over": res.carried, "unreadable": res.unreadable})
+                   "segments_removed": res.removed, "carried_over": res.carried, "unreadable": res.unreadable,
+                   "dictionaries_stored": res.dicts_stored, "dictionaries_lost": res.dicts_lost})
         return
+    for path in res.dicts_stored:
+        click.echo(f"dictionary {path}: stored again from its intact copy")
     for name in res.carried:
         warn(f"pack {name}: trailer unreadable, kept its listing from the old index")
     for name in res.unreadable:
