@@ -2,10 +2,10 @@
 
 Sealed plaintext layout (docs/format.md, "Sealed blob"): compression u8 | payload, where
 compression is 0 = raw, 1 = one zstd frame, 2 = dictionary id (32 bytes) then one zstd
-frame made with that repository dictionary (``dicts/<id>``, also kept as ``dictcopies/<id>``). Only DATA blobs use a
-dictionary: file chunks are small (~39 KiB at the default chunk size) and a dictionary
-trained on the repository's own data gives zstd the context a small chunk lacks
-(docs/performance.md, "Compression dictionary").
+frame made with that repository dictionary (``dicts/<id>``, also kept as
+``dictcopies/<id>``). Only DATA blobs use a dictionary: file chunks are small (~39 KiB at
+the default chunk size) and a dictionary trained on the repository's own data gives zstd
+the context a small chunk lacks (docs/performance.md, "Compression dictionary").
 """
 
 from __future__ import annotations
@@ -214,19 +214,27 @@ class Dictionaries:
         """Store whichever of dictionary ``did``'s two objects is missing (a repository from
         before the copies, or a writer killed between the two saves), from the other;
         return the paths written. A damaged object is left to 'repair index'."""
-        written = []
-        for path in dictionary_paths(did):
-            try:
-                self._backend.stat(path)  # type: ignore[attr-defined]
-            except ObjectNotFoundError:
-                self._backend.save(path, self.sealed(did, self.data(did)))  # type: ignore[attr-defined]
-                written.append(path)
+        written = missing_objects(self._backend, did)
+        for path in written:
+            self._backend.save(path, self.sealed(did, self.data(did)))  # type: ignore[attr-defined]
         return written
 
 
 def dictionary_paths(did: bytes) -> tuple[str, str]:
     """Where dictionary ``did`` is stored: ``dicts/<id>``, and its copy."""
     return f"{DICT_DIR}/{did.hex()}", f"{DICT_COPY_DIR}/{did.hex()}"
+
+
+def missing_objects(backend: object, did: bytes) -> list[str]:
+    """The paths of dictionary ``did``'s two objects that ``backend`` does not hold, the copy
+    first (the order a writer stores them in)."""
+    missing = []
+    for path in reversed(dictionary_paths(did)):
+        try:
+            backend.stat(path)  # type: ignore[attr-defined]
+        except ObjectNotFoundError:
+            missing.append(path)
+    return missing
 
 
 class BlobCodec:

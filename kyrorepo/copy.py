@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from kyrorepo.backends.base import Backend
-from kyrorepo.blob import Dictionaries, dictionary_paths
+from kyrorepo.blob import Dictionaries, missing_objects
 from kyrorepo.errors import IntegrityError, ObjectNotFoundError, UsageError
 from kyrorepo.format import BlobType
 from kyrorepo.index import BlobLocation
@@ -170,17 +170,11 @@ def copy_dictionaries(src: Repository, dest: Repository) -> None:
     dictcopies/<id>): the sealed bytes of the first of SRC's two that opens, saved as is."""
     dicts = Dictionaries(src.backend, src.keys)
     for did in dicts.ids():
-        missing = []
-        for path in dictionary_paths(did):
-            try:
-                dest.backend.stat(path)
-            except ObjectNotFoundError:
-                missing.append(path)
-        if not missing:
-            continue
-        sealed = dicts.intact(did)[0]  # IntegrityError when neither of SRC's objects opens
-        for path in reversed(missing):  # the copy first, as a writer does
-            dest.backend.save(path, sealed)
+        missing = missing_objects(dest.backend, did)
+        if missing:
+            sealed = dicts.intact(did)[0]  # IntegrityError when neither of SRC's objects opens
+            for path in missing:
+                dest.backend.save(path, sealed)
 
 
 def capture_blobs(repo: Repository, name: str) -> Iterator[tuple[bytes, BlobType]]:
