@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import zstandard
 
@@ -130,21 +130,25 @@ class Dictionaries:
         self._lock = threading.Lock()
         self._data: dict[bytes, bytes] = {}
         self._current: bytes | None = None
-        self._listed = False
+        self._listed: frozenset[str] | None = None  # the objects current() found
+
+    def objects(self) -> frozenset[str]:
+        """The names of the objects both directories hold (one listing of each)."""
+        return frozenset(n for d in DICT_DIRS for n, _ in self._backend.list(d + "/"))  # type: ignore[attr-defined]
 
     def ids(self) -> list[bytes]:
         """Every dictionary either directory holds, in id order (names that are not ids are left out)."""
-        names = {n.rsplit("/", 1)[1] for d in DICT_DIRS for n, _ in self._backend.list(d + "/")}  # type: ignore[attr-defined]
-        return sorted(bytes.fromhex(h) for h in names if is_full_hex(h))
+        return _ids_named(self.objects())
 
     def current(self) -> bytes | None:
         """Id of the dictionary new DATA blobs use, or None when the repository has none."""
-        if not self._listed:
+        if self._listed is None:
             with self._lock:
-                if not self._listed:
-                    ids = self.ids()
+                if self._listed is None:
+                    listed = self.objects()
+                    ids = _ids_named(listed)
                     self._current = ids[0] if ids else None
-                    self._listed = True
+                    self._listed = listed
         return self._current
 
     def open_object(self, path: str, did: bytes) -> bytes:
@@ -208,15 +212,25 @@ class Dictionaries:
         with self._lock:
             self._data[did] = raw
             self._current = did if present is None else min(did, present)
+            self._stored(dictionary_paths(did))
         return did
+
+    def _stored(self, paths: Iterable[str]) -> None:
+        """Count ``paths`` as listed from now on; the caller holds the lock."""
+        self._listed = (self._listed or frozenset()) | frozenset(paths)
 
     def complete(self, did: bytes) -> list[str]:
         """Store whichever of dictionary ``did``'s two objects is missing (a repository from
         before the copies, or a writer killed between the two saves), from the other;
-        return the paths written. A damaged object is left to 'repair index'."""
-        written = missing_objects(self._backend, did)
+        return the paths written. A damaged object is left to 'repair index'. Missing means
+        absent from the listing ``current()`` made: no request per object."""
+        self.current()
+        assert self._listed is not None
+        written = missing_objects(did, self._listed)
         for path in written:
             self._backend.save(path, self.sealed(did, self.data(did)))  # type: ignore[attr-defined]
+        with self._lock:
+            self._stored(written)
         return written
 
 
@@ -225,16 +239,16 @@ def dictionary_paths(did: bytes) -> tuple[str, str]:
     return f"{DICT_DIR}/{did.hex()}", f"{DICT_COPY_DIR}/{did.hex()}"
 
 
-def missing_objects(backend: object, did: bytes) -> list[str]:
-    """The paths of dictionary ``did``'s two objects that ``backend`` does not hold, the copy
-    first (the order a writer stores them in)."""
-    missing = []
-    for path in reversed(dictionary_paths(did)):
-        try:
-            backend.stat(path)  # type: ignore[attr-defined]
-        except ObjectNotFoundError:
-            missing.append(path)
-    return missing
+def _ids_named(names: Iterable[str]) -> list[bytes]:
+    """The dictionary ids among object names ``<dir>/<id>``, in id order (names that are not
+    ids are left out)."""
+    return sorted({bytes.fromhex(h) for h in (n.rsplit("/", 1)[1] for n in names) if is_full_hex(h)})
+
+
+def missing_objects(did: bytes, listed: Collection[str]) -> list[str]:
+    """The paths of dictionary ``did``'s two objects that are not in ``listed`` (the names
+    ``Dictionaries.objects`` returned), the copy first (the order a writer stores them in)."""
+    return [path for path in reversed(dictionary_paths(did)) if path not in listed]
 
 
 class BlobCodec:

@@ -169,8 +169,9 @@ def copy_dictionaries(src: Repository, dest: Repository) -> None:
     """Give DEST both objects of every compression dictionary SRC has (dicts/<id> and
     dictcopies/<id>): the sealed bytes of the first of SRC's two that opens, saved as is."""
     dicts = Dictionaries(src.backend, src.keys)
+    present = Dictionaries(dest.backend, dest.keys).objects()
     for did in dicts.ids():
-        missing = missing_objects(dest.backend, did)
+        missing = missing_objects(did, present)
         if missing:
             sealed = dicts.intact(did)[0]  # IntegrityError when neither of SRC's objects opens
             for path in missing:

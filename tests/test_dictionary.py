@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from kyrorepo.backends import LocalBackend, MemoryBackend
+from kyrorepo.backup import BackupOptions, run_backup
 from kyrorepo.blob import COMP_ZSTD_DICT, BlobCodec, Dictionaries
 from kyrorepo.crypto import MasterKey
 from kyrorepo.dictionary import MIN_SOURCE_BYTES, ensure_dictionary, read_samples, train
@@ -157,7 +158,7 @@ def test_lowest_id_wins_and_every_dictionary_stays_readable(tmp_path, db_dir):
         cid = repo.keys.blob_id(chunk)
         for did in (first, second):  # a blob made by another writer with the other dictionary
             other = BlobCodec(repo.keys, 2, Dictionaries(backend, repo.keys))
-            other.dicts._current, other.dicts._listed = did, True
+            other.dicts._current, other.dicts._listed = did, frozenset()
             sealed = other.encode(BlobType.DATA, cid, chunk)
             assert repo.keys.open(BlobType.DATA, cid, sealed, "x")[1:33] == did
             fresh = BlobCodec(repo.keys, 2, Dictionaries(backend, repo.keys))
@@ -241,6 +242,37 @@ def test_a_dictionary_stored_once_is_a_notice_and_the_next_backup_stores_the_oth
         proc = repo_cli.run("verify")
         assert "stored once" not in proc.stdout + proc.stderr
     assert len(os.listdir(os.path.dirname(primary))) == 1  # no second dictionary was trained
+
+
+class StatCounting(MemoryBackend):
+    """A memory backend that records the objects asked about one by one (an S3 HEAD each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stat_calls: list[str] = []
+
+    def stat(self, name: str) -> int:
+        self.stat_calls.append(name)
+        return super().stat(name)
+
+
+def test_backup_finds_missing_dictionary_objects_from_the_listing(tmp_path, db_dir):
+    backend = StatCounting()
+    cache = str(tmp_path / "cache")
+    Repository.create(backend, b"pw", cache, kdf=FAST).close()
+    for remove in (None, None, "dictcopies", "dicts"):  # trains; has both; lacks one, then the other
+        if remove is not None:
+            backend.remove(f"{remove}/{names[0]}")
+        repo = Repository.open(backend, b"pw", cache)
+        try:
+            backend.stat_calls.clear()
+            run_backup(repo, BackupOptions(data_dir=db_dir, source="db"))
+        finally:
+            repo.close()
+        assert not [n for n in backend.stat_calls if n.startswith(("dicts/", "dictcopies/"))]
+        names = [n.split("/")[1] for n, _ in backend.list("dicts/")]
+        assert len(names) == 1
+        assert [n.split("/")[1] for n, _ in backend.list("dictcopies/")] == names
 
 
 def test_copy_sends_the_dictionary_object_that_opens(repo_cli, db_dir, tmp_path):
