@@ -16,7 +16,7 @@ from typing import Iterable
 import lmdb
 
 from kyrorepo.audit_log import DamageNote
-from kyrorepo.blob import DICT_DIRS, Dictionaries, dictionary_paths
+from kyrorepo.blob import Dictionaries, dictionary_paths
 from kyrorepo.errors import IntegrityError, KyroError, NotFoundError, ObjectNotFoundError
 from kyrorepo.format import BlobType, PackEntry
 from kyrorepo.ids import from_hex
@@ -53,12 +53,11 @@ def check_dictionaries(repo: Repository, notices: list[str], ledger: DamageLedge
     """
     fresh = Dictionaries(repo.backend, repo.keys)  # not the codec's: read what storage holds now
     ids: set[bytes] = set()
-    for directory in DICT_DIRS:
-        for name, _ in repo.backend.list(directory + "/"):
-            try:
-                ids.add(from_hex(name.rsplit("/", 1)[1]))
-            except ValueError:
-                ledger.add_damage(f"dictionary {name}", "has a malformed name")
+    for name in sorted(fresh.objects()):
+        try:
+            ids.add(from_hex(name.rsplit("/", 1)[1]))
+        except ValueError:
+            ledger.add_damage(f"dictionary {name}", "has a malformed name")
     stored_once = 0
     for did in sorted(ids):
         paths = dictionary_paths(did)

@@ -275,6 +275,15 @@ def test_backup_finds_missing_dictionary_objects_from_the_listing(tmp_path, db_d
         assert [n.split("/")[1] for n, _ in backend.list("dictcopies/")] == names
 
 
+def test_an_object_in_a_dictionary_directory_that_is_not_named_by_an_id_is_damage(repo_cli, db_dir):
+    repo_cli.run("backup", "--data-dir", db_dir)
+    open(os.path.join(repo_cli.repo, "dictcopies", "not-an-id"), "wb").write(b"x")
+    report = json.loads(repo_cli.run("verify", "--json", expect=13).stdout)
+    assert [(d["object"], d["reason"]) for d in report["damaged"]] == [
+        ("dictionary dictcopies/not-an-id", "has a malformed name")]
+    assert "1 compression dictionary checked" in " ".join(report["notices"])
+
+
 def test_copy_sends_the_dictionary_object_that_opens(repo_cli, db_dir, tmp_path):
     repo_cli.run("backup", "--data-dir", db_dir)
     primary, copy = _dict_paths(repo_cli.repo)
