@@ -21,6 +21,7 @@ from kyrorepo.format import BlobType, split_file
 from kyrorepo.keys import KdfParams
 from kyrorepo.pack import parse_pack
 from kyrorepo.repository import Repository
+from test_verify import flip
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "v1-dict.json")))
 FAST = KdfParams(1024, 1)
@@ -187,12 +188,6 @@ def _dict_paths(repo: str) -> tuple[str, str]:
     return os.path.join(repo, "dicts", name), os.path.join(repo, "dictcopies", name)
 
 
-def _flip(path: str, at: int = 60) -> None:
-    data = bytearray(open(path, "rb").read())
-    data[at] ^= 1
-    open(path, "wb").write(data)
-
-
 def test_golden_dictionary_opens_from_its_copy_alone():
     keys = MasterKey(bytes.fromhex(GOLDEN["master_key"])).keys()
     backend = MemoryBackend()
@@ -210,7 +205,7 @@ def test_one_damaged_dictionary_object_loses_nothing_and_repair_index_mends_it(r
     repo_cli.run("backup", "--data-dir", db_dir)
     primary, copy = _dict_paths(repo_cli.repo)
     bad, good = (primary, copy) if damaged == "dicts" else (copy, primary)
-    _flip(bad)
+    flip(bad, 60)
     out = str(tmp_path / "out")
     repo_cli.run("restore", "--data-dir", out, "--backup-id", "latest")  # every chunk opens
     for f in os.listdir(db_dir):
@@ -287,7 +282,7 @@ def test_an_object_in_a_dictionary_directory_that_is_not_named_by_an_id_is_damag
 def test_copy_sends_the_dictionary_object_that_opens(repo_cli, db_dir, tmp_path):
     repo_cli.run("backup", "--data-dir", db_dir)
     primary, copy = _dict_paths(repo_cli.repo)
-    _flip(primary)
+    flip(primary, 60)
     dest = str(tmp_path / "dest")
     repo_cli.run("copy", "--to", dest, "--kdf-memory-kib", "1024", "--kdf-iterations", "1")
     name = os.path.basename(primary)
@@ -301,8 +296,8 @@ def test_lost_dictionary_is_named_and_restore_refuses(repo_cli, db_dir, tmp_path
     primary, copy = _dict_paths(repo_cli.repo)
     name = os.path.basename(primary)
     originals = {p: open(p, "rb").read() for p in (primary, copy)}
-    _flip(primary)
-    _flip(copy)
+    flip(primary, 60)
+    flip(copy, 60)
     proc = repo_cli.run("verify", expect=13)
     text = proc.stdout + proc.stderr
     assert f"dictionary dicts/{name}" in text and f"its copy dictcopies/{name}" in text
